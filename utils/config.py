@@ -185,9 +185,9 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    net: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1))
-    linear: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3))
-    cluster: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=5e-3))
+    net: OptimConfig = field(default_factory=OptimConfig)
+    linear: OptimConfig = field(default_factory=OptimConfig)
+    cluster: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
         _choice(self.linear.name, "linear.name", ("adam",))
@@ -427,4 +427,5 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 def _shown(value: Any) -> str:
     if value is None:
         return "null"
-    return f"{type(value).__name__} {json.dumps(value) if isinstance(value, (str, list, dict)) else value!r}"
+    shown = json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
+    return f"{type(value).__name__} {shown}"

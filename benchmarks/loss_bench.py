@@ -1,0 +1,152 @@
+"""Time one PPAP loss forward + backward and its peak memory, ours against a straightforward implementation.
+
+The straightforward version follows the original code block by block: it averages the positives by
+materialising an (anchors x N x C) tensor and keeps the whole (anchors x N) logits graph for autograd. Both run
+on the same inputs and anchors in the same process run, and their losses are compared.
+
+    python benchmarks/loss_bench.py                      # official geometry: batch 64, 28x28 patches, 384 channels
+    python benchmarks/loss_bench.py --batch 8 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from loss import PPAPLoss  # noqa: E402
+from utils.config import TrainingCoeff  # noqa: E402
+
+PAPER_COEFF = TrainingCoeff(initialcrit_pos=0.55, initialcrit_amb=0.2, prop_iter=2, tau=0.8, sigma_pos=3, sigma_amb=3)
+
+
+def straightforward_loss(z, feats, anchors, coeff: TrainingCoeff):
+    """The formula block by block, as the original computes it (fp32, any device)."""
+    n, c = feats.shape
+    f = F.normalize(feats.detach(), dim=1)
+    blocks, size = (1, n) if n < coeff.split else (n // coeff.split, coeff.split)
+    total = z.new_zeros(())
+    for b in range(blocks):
+        rows = b * size + anchors[b].to(z.device)
+        not_self = torch.ones(len(rows), n, device=z.device)
+        not_self[torch.arange(len(rows)), rows] = 0
+        anchor = f[rows]
+        s = anchor @ f.T
+        phi = torch.full((len(rows), 1), coeff.initialcrit_pos, device=z.device)
+        psi = torch.full((len(rows), 1), coeff.initialcrit_amb, device=z.device)
+        pos = (s > phi).float()
+        previous = anchor
+        for _ in range(coeff.prop_iter):
+            proxy = F.normalize((f.unsqueeze(0) * pos.unsqueeze(-1)).mean(1), dim=1)  # (anchors x N x C)
+            s = proxy @ f.T
+            moved = 1 - F.cosine_similarity(previous, proxy, dim=1).unsqueeze(1)
+            psi, phi = psi + moved / coeff.sigma_amb, phi - moved / coeff.sigma_pos
+            pos = (s > phi).float()
+            previous = proxy
+        pos = pos * not_self
+        denominator = torch.logical_or(pos.bool(), s < psi).float() * not_self
+        logits = z[rows] @ z.T / coeff.tau
+        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+        log_prob = logits - torch.log((torch.exp(logits) * denominator).sum(1, keepdim=True))
+        keep = pos.sum(1) > 0
+        mean_log_prob = (pos[keep] * log_prob[keep]).sum(1) / pos[keep].sum(1)
+        total = total - (coeff.tau / coeff.base_tau) * mean_log_prob.mean()
+    return total / blocks
+
+
+def inputs(batch: int, side: int, channels: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = batch * side * side
+    centres = torch.randn(27, channels, generator=g)  # clustered features, like semantic patches
+    feats = centres[torch.randint(27, (n,), generator=g)] + 0.8 * torch.randn(n, channels, generator=g)
+    z = F.normalize(torch.randn(n, channels, generator=g), dim=1)
+    anchors = PPAPLoss(PAPER_COEFF).draw_anchors(n, g)
+    return z.to(device), feats.to(device), anchors
+
+
+def peak_bytes_reset(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size
+    return _rss("VmRSS")
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _rss("VmHWM")
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure(which: str, batch: int, side: int, channels: int, device: torch.device, repeats: int) -> dict:
+    """One implementation, in this process: median seconds of forward + backward, peak extra memory, loss."""
+    z0, feats, anchors = inputs(batch, side, channels, device)
+    ours = PPAPLoss(PAPER_COEFF)
+    times, loss = [], None
+    for _ in range(repeats + 1):  # the first run warms up
+        z = z0.clone().requires_grad_()
+        base = peak_bytes_reset(device)
+        start = time.perf_counter()
+        if which == "ours":
+            value = ours(z, feats, anchors).loss
+        else:
+            value = straightforward_loss(z, feats, anchors, PAPER_COEFF)
+        value.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        peak = peak_bytes(device) - base
+        loss = value.item()
+    times = sorted(times[1:])
+    return {"seconds": times[len(times) // 2], "peak_bytes": peak, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--side", type=int, default=28, help="patches per image side")
+    parser.add_argument("--channels", type=int, default=384)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["ours", "straightforward"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.only:  # child process: one implementation, so peak memory is its own
+        print(json.dumps(measure(args.only, args.batch, args.side, args.channels, device, args.repeats)))
+        return
+    results = {}
+    for which in ("straightforward", "ours"):
+        cmd = [sys.executable, __file__, "--only", which, "--batch", str(args.batch), "--side", str(args.side),
+               "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    n = args.batch * args.side * args.side
+    print(f"PPAP loss forward+backward, N={n} rows ({args.batch} x {args.side}x{args.side}), C={args.channels}, "
+          f"device={device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for which, r in results.items():
+        print(f"  {which:16s} {r['seconds'] * 1000:9.1f} ms   peak +{r['peak_bytes'] / 2**20:8.1f} MiB   loss {r['loss']:.6f}")
+    slow, fast = results["straightforward"], results["ours"]
+    print(f"  speed-up {slow['seconds'] / fast['seconds']:.2f}x, peak memory ratio "
+          f"{slow['peak_bytes'] / max(fast['peak_bytes'], 1):.2f}x, "
+          f"relative loss difference {abs(slow['loss'] - fast['loss']) / abs(slow['loss']):.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The PPAP loss: progressive proxy-anchor propagation with an ambiguity zone.
+
+Semantics are those of the original implementation (``SupConLoss`` in the PPAP code):
+
+1. Rows (patches in (image, row, col) order) are taken in blocks of ``split`` consecutive rows; there are
+   ``N // split`` blocks (one block of all N rows when N < split). Rows after the last full block are never
+   anchors but remain candidates.
+2. Each block draws ``K = block_size // trainpatchsplit`` anchors uniformly without replacement.
+3. ``s = f_anchor . f^T`` against all N rows of the (detached, L2-normalised) features. Positives ``P = s > Phi``
+   with ``Phi = initialcrit_pos``; ``Psi = initialcrit_amb``.
+4. ``prop_iter`` times: ``proxy = normalise(P @ f)`` (the mean of the positives, the anchor's own row included as
+   in the original), ``s = proxy . f^T``, ``m = 1 - cos(previous proxy, proxy)`` (the anchor at the first step),
+   ``Psi += m / sigma_amb``, ``Phi -= m / sigma_pos``, ``P = s > Phi``.
+5. The anchor's own row is never a positive and never in the denominator. Confident negatives: ``s < Psi``.
+   Rows with ``Psi <= s <= Phi`` form the ambiguous zone and are left out of the denominator.
+6. ``logits = z_anchor . z^T / tau``; ``log_prob = logits - log(sum of exp(logits) over positives and confident
+   negatives)`` (the original subtracts the row max first; logsumexp does the same stabilisation).
+7. Per anchor the mean log_prob over its positives; anchors without a positive are skipped. Block loss =
+   ``-(tau / base_tau) * mean over anchors``; loss = mean over blocks.
+
+Differences from the original, all deliberate: similarities and thresholds are compared in fp32 (the original
+compared fp16 similarities with fp16 thresholds); a block without any anchor that has a positive is left out of
+the mean over blocks (the original returned NaN), and an anchor whose denominator would be empty cannot occur
+because its positives are in it (the original could produce NaN gradients there). The negative count in the
+statistics leaves the anchor's own row out, like the denominator.
+
+Performance: the original materialised an (anchors x N x C) tensor to average the positives; here that mean is a
+matrix product. Mining runs without autograd, and the contrastive term is a custom autograd function that
+recomputes its (anchors x N) logits chunk by chunk in the backward pass, so peak memory is bounded by
+``chunk_elements`` instead of growing with the number of anchors.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from utils.config import TrainingCoeff
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # anchors x rows per chunk: 64 MiB per fp32 temporary
+
+
+class PPAPResult(NamedTuple):
+    loss: Tensor  # scalar
+    num_pos: Tensor  # mean number of positives per anchor
+    num_neg: Tensor  # mean number of confident negatives per anchor
+
+
+class Mining(NamedTuple):
+    pos: Tensor  # (A, N) bool: positives after propagation, own row excluded
+    neg: Tensor  # (A, N) bool: confident negatives (s < Psi), own row excluded
+    phi: Tensor  # (A,) final positiveness boundary
+    psi: Tensor  # (A,) final ambiguity boundary
+
+
+@torch.no_grad()
+def mine(feats: Tensor, anchor_rows: Tensor, coeff: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Mining:
+    """Positives and confident negatives of each anchor row of ``feats`` (N, C), unit rows."""
+    n = feats.shape[0]
+    a = anchor_rows.shape[0]
+    pos = torch.empty(a, n, dtype=torch.bool, device=feats.device)
+    neg = torch.empty_like(pos)
+    phi = torch.empty(a, dtype=feats.dtype, device=feats.device)
+    psi = torch.empty_like(phi)
+    for rows in _chunks(anchor_rows, n, chunk_elements):
+        sl = slice(rows.start, rows.stop)
+        anchor = feats[anchor_rows[sl]]
+        s = anchor @ feats.T
+        c_phi = torch.full((anchor.shape[0],), coeff.initialcrit_pos, dtype=feats.dtype, device=feats.device)
+        c_psi = torch.full_like(c_phi, coeff.initialcrit_amb)
+        c_pos = s > c_phi[:, None]
+        previous = anchor
+        for _ in range(coeff.prop_iter):
+            proxy = F.normalize(c_pos.to(feats.dtype) @ feats, dim=1)  # mean of the positives, renormalised
+            s = proxy @ feats.T
+            moved = 1.0 - F.cosine_similarity(previous, proxy, dim=1)
+            c_psi = c_psi + moved / coeff.sigma_amb
+            c_phi = c_phi - moved / coeff.sigma_pos
+            c_pos = s > c_phi[:, None]
+            previous = proxy
+        c_neg = s < c_psi[:, None]
+        own = (torch.arange(anchor.shape[0], device=feats.device), anchor_rows[sl])
+        c_pos[own] = False
+        c_neg[own] = False
+        pos[sl], neg[sl], phi[sl], psi[sl] = c_pos, c_neg, c_phi, c_psi
+    return Mining(pos=pos, neg=neg, phi=phi, psi=psi)
+
+
+def _chunks(anchor_rows: Tensor, n: int, chunk_elements: int) -> list[range]:
+    step = max(1, chunk_elements // max(n, 1))
+    return [range(i, min(i + step, anchor_rows.shape[0])) for i in range(0, anchor_rows.shape[0], step)]
+
+
+class _MeanPositiveLogProb(torch.autograd.Function):
+    """Per anchor: mean over positives of ``l - logsumexp(l over positives and negatives)``, ``l = z_a . z / tau``.
+
+    Only ``z`` receives a gradient. The (anchors x N) logits are never kept: backward recomputes them per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, anchor_rows: Tensor, pos: Tensor, neg: Tensor, tau: float, chunk_elements: int) -> Tensor:
+        out = z.new_empty(anchor_rows.shape[0])
+        for rows in _chunks(anchor_rows, z.shape[0], chunk_elements):
+            sl = slice(rows.start, rows.stop)
+            logits = (z[anchor_rows[sl]] @ z.T) / tau
+            lse = logits.masked_fill(~(pos[sl] | neg[sl]), float("-inf")).logsumexp(dim=1)
+            p = pos[sl].to(z.dtype)
+            out[sl] = (logits * p).sum(1) / p.sum(1) - lse
+        ctx.save_for_backward(z, anchor_rows, pos, neg)
+        ctx.tau, ctx.chunk_elements = tau, chunk_elements
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        z, anchor_rows, pos, neg = ctx.saved_tensors
+        grad_z = torch.zeros_like(z)
+        for rows in _chunks(anchor_rows, z.shape[0], ctx.chunk_elements):
+            sl = slice(rows.start, rows.stop)
+            anchors = z[anchor_rows[sl]]
+            logits = (anchors @ z.T) / ctx.tau
+            softmax = logits.masked_fill(~(pos[sl] | neg[sl]), float("-inf")).softmax(dim=1)
+            p = pos[sl].to(z.dtype)
+            # d out / d logits = positives / count - softmax over the denominator; d logits / d(z_a . z_j) = 1 / tau
+            g = grad_out[sl, None] * (p / p.sum(1, keepdim=True) - softmax) / ctx.tau
+            grad_z += g.T @ anchors
+            grad_z.index_add_(0, anchor_rows[sl], g @ z)
+        return grad_z, None, None, None, None, None
+
+
+class PPAPLoss(nn.Module):
+    """``PPAPLoss(cfg.training_coeff)(z, feats, anchors=None)`` -> ``PPAPResult(loss, num_pos, num_neg)``.
+
+    ``z``: (N, D) unit rows (the projection of the code, with gradient). ``feats``: (N, C) rows or a (B, C, h, w)
+    map, flattened in (image, row, col) order; detached and L2-normalised here. ``anchors``: LongTensor
+    (blocks, K) of row indices local to each block, or None to draw them. Call it outside autocast: it computes
+    in fp32 (or float64 for float64 inputs) whatever the input precision.
+    """
+
+    def __init__(self, cfg: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.chunk_elements = chunk_elements
+
+    def geometry(self, n: int) -> tuple[int, int, int]:
+        """(blocks, rows per block, anchors per block) for N rows."""
+        split = self.cfg.split
+        blocks, size = (1, n) if n < split else (n // split, split)
+        return blocks, size, max(1, size // self.cfg.trainpatchsplit)
+
+    def draw_anchors(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """(blocks, K) anchors drawn uniformly without replacement within each block (CPU random stream)."""
+        blocks, size, k = self.geometry(n)
+        return torch.rand(blocks, size, generator=generator).argsort(dim=1)[:, :k]
+
+    def forward(self, z: Tensor, feats: Tensor, anchors: Optional[Tensor] = None) -> PPAPResult:
+        if feats.dim() == 4:
+            feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        n = z.shape[0]
+        if feats.shape[0] != n:
+            raise ValueError(f"z has {n} rows but feats has {feats.shape[0]}")
+        blocks, size, k = self.geometry(n)
+        if anchors is None:
+            anchors = self.draw_anchors(n)
+        if anchors.shape[0] != blocks or anchors.dim() != 2 or anchors.min() < 0 or anchors.max() >= size:
+            raise ValueError(f"anchors must be a ({blocks}, K) tensor of row indices in [0, {size}), got shape "
+                             f"{tuple(anchors.shape)}")
+        cfg = self.cfg
+        dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under mixed precision; float64 stays float64
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.to(dtype)
+            f = F.normalize(feats.detach().to(dtype), dim=1)
+            offsets = torch.arange(blocks, device=anchors.device)[:, None] * size
+            anchor_rows = (anchors + offsets).reshape(-1).to(z.device)
+            mined = mine(f, anchor_rows, cfg, self.chunk_elements)
+            valid = mined.pos.any(dim=1)
+            log_prob = _MeanPositiveLogProb.apply(z, anchor_rows[valid], mined.pos[valid], mined.neg[valid],
+                                                  cfg.tau, self.chunk_elements)
+            per_anchor = -(cfg.tau / cfg.base_tau) * log_prob
+            block_of = torch.arange(blocks, device=z.device).repeat_interleave(anchors.shape[1])[valid]
+            sums = z.new_zeros(blocks).index_add(0, block_of, per_anchor)
+            counts = torch.bincount(block_of, minlength=blocks)
+            used = counts > 0
+            loss = (sums[used] / counts[used]).mean() if bool(used.any()) else z.sum() * 0.0
+            num_pos = mined.pos.sum(1).float().mean()
+            num_neg = mined.neg.sum(1).float().mean()
+        return PPAPResult(loss=loss, num_pos=num_pos, num_neg=num_neg)

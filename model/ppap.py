@@ -1,0 +1,106 @@
+"""The PPAP network (a frozen DINO ViT with a trainable copy of its last block) and the two evaluation probes.
+
+State-dict names match the released PPAP checkpoints: the network's keys are ``model.*`` (the ViT),
+``decoder.*`` and ``project_head.*``; the linear probe has ``weight`` and ``bias``; the cluster probe ``clusters``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.vit import VisionTransformer, vit
+from model.weights import load_backbone_weights
+from utils.config import ModelConfig
+
+FEATS_DROPOUT = 0.1  # Dropout2d on the frozen features, as the original DinoFeaturizer
+
+
+class NetOutput(NamedTuple):
+    code: Tensor  # (B, C, h, w): decoder output after the frozen final norm, CLS dropped
+    z: Tensor  # (B*h*w, C): L2-normalised projection of the code, rows in (image, row, col) order
+    feats: Tensor  # (B, C, h, w): frozen final ViT features after Dropout2d (identity in eval mode)
+
+
+class PPAPNet(nn.Module):
+    """DINO ViT (frozen) -> trainable copy of its last block on the second-to-last block's output -> code."""
+
+    def __init__(self, backbone: VisionTransformer, dropout: bool = True) -> None:
+        super().__init__()
+        self.model = backbone
+        self.patch_size = backbone.patch_size
+        # A copy of the (pretrained) last block, taken after the weights are loaded: the decoder starts
+        # exactly where DINO's last block is and learns from there.
+        self.decoder = copy.deepcopy(backbone.blocks[-1])
+        self.model.requires_grad_(False)
+        self.decoder.requires_grad_(True)
+        self.project_head = nn.Linear(backbone.embed_dim, backbone.embed_dim)
+        # The loss mines positives from these features. The original drops whole channels of them in
+        # training mode (Dropout2d, p=0.1), so mining sees a randomly thinned feature space at every step;
+        # we keep that, because the released results were trained with it.
+        self.dropout = nn.Dropout2d(p=FEATS_DROPOUT) if dropout else nn.Identity()
+
+    def forward(self, img: Tensor) -> NetOutput:
+        b, _, height, width = img.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        h, w = height // self.patch_size, width // self.patch_size
+        with torch.no_grad():  # the whole ViT is frozen: keep no activations for the backward pass
+            x = self.model.prepare_tokens(img)
+            for block in self.model.blocks[:-1]:
+                x = block(x)
+            feats = self.model.norm(self.model.blocks[-1](x))
+        # The final norm's parameters are frozen, but gradients flow through it into the decoder.
+        code = self.model.norm(self.decoder(x))
+        code = _tokens_to_map(code, h, w)
+        z = F.normalize(self.project_head(code.permute(0, 2, 3, 1).reshape(b * h * w, -1)), dim=1)
+        return NetOutput(code=code, z=z, feats=self.dropout(_tokens_to_map(feats, h, w)))
+
+
+def _tokens_to_map(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, 1 + h*w, C) tokens -> (B, C, h, w) map without the CLS token."""
+    return tokens[:, 1:].reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
+class ClusterOutput(NamedTuple):
+    loss: Tensor  # -(probs * inner).sum(1).mean()
+    probs: Tensor  # (B, K, h, w): one-hot assignment (alpha None) or softmax(alpha * inner)
+    inner: Tensor  # (B, K, h, w): cosine similarity to each centroid (or the code itself when direct)
+
+
+class ClusterProbe(nn.Module):
+    """Learnable centroids; pixels are assigned to the most similar one (cosine similarity)."""
+
+    def __init__(self, dim: int, n_clusters: int) -> None:
+        super().__init__()
+        self.clusters = nn.Parameter(torch.randn(n_clusters, dim))
+
+    def forward(self, x: Tensor, alpha: Optional[float] = None, is_direct: bool = False) -> ClusterOutput:
+        if is_direct:
+            inner = x
+        else:
+            inner = torch.einsum("bchw,nc->bnhw", F.normalize(x, dim=1), F.normalize(self.clusters, dim=1))
+        if alpha is None:
+            probs = F.one_hot(inner.argmax(1), inner.shape[1]).permute(0, 3, 1, 2).to(inner.dtype)
+        else:
+            probs = F.softmax(inner * alpha, dim=1)
+        return ClusterOutput(loss=-(probs * inner).sum(1).mean(), probs=probs, inner=inner)
+
+
+def build_model(cfg: ModelConfig, n_classes: int, load_backbone: bool = True) -> tuple[PPAPNet, nn.Conv2d, ClusterProbe]:
+    """``(net, linear_probe, cluster_probe)`` as the original's build_model.
+
+    The backbone weights come from ``cfg.pretrained.pretrained_weights``; ``load_backbone=False`` skips that
+    for callers that load a whole PPAP checkpoint next (evaluation), so nothing is downloaded.
+    """
+    pretrained = cfg.pretrained
+    backbone = vit(pretrained.model_type, pretrained.dino_patch_size)
+    if load_backbone:
+        load_backbone_weights(backbone, pretrained.pretrained_weights, pretrained.model_type, pretrained.dino_patch_size)
+    net = PPAPNet(backbone, dropout=pretrained.dropout)
+    linear_probe = nn.Conv2d(cfg.dim, n_classes, kernel_size=1)
+    cluster_probe = ClusterProbe(cfg.dim, n_classes + cfg.extra_clusters)
+    return net, linear_probe, cluster_probe

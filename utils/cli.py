@@ -1,0 +1,47 @@
+"""What run.py and eval.py share: the original's command-line flags, dotted overrides and the exit-status rule."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from utils.config import Config, load_config
+from utils.errors import UserError
+
+EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """``--opt FILE [--debug] [--test] [--checkpoint X] [--data_path DIR] [dotted.key=value ...]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--opt", required=True, help="JSON option file")
+    parser.add_argument("--debug", action="store_true", help="debug mode: wandb disabled")
+    parser.add_argument("--test", action="store_true", help="evaluate only, wandb disabled")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint override")
+    parser.add_argument("--data_path", default=None, help="dataset.data_path override")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted option overrides, e.g. train.epoch=1 dataset.res=224")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The option file with the command line's overrides applied (``--data_path`` taken verbatim)."""
+    overrides: list = list(args.overrides)
+    if args.data_path is not None:
+        overrides.append(("dataset.data_path", args.data_path))
+    return load_config(args.opt, overrides)
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Call ``main(argv)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C status 130."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
