@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.visualize import (GRID_DPI, LEGEND_ROW_INCHES, PANEL_INCHES, TITLE_INCHES, colorize, legend_columns,
+                             save_segmentation_grid)
+
+COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+NAMES = ["sky", "tree", "road"]
+
+
+def grid_row(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, 3, (12, 16))
+    return {"image": rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), "ground truth": labels,
+            "cluster": labels, "cluster + CRF": labels}
+
+
+def test_colorize_paints_each_class_with_its_palette_colour():
+    assert colorize(np.array([[0, 1, 2]]), COLORS).tolist() == [[[255, 0, 0], [0, 255, 0], [0, 0, 255]]]
+
+
+def test_colorize_draws_minus_one_and_out_of_range_ids_black():
+    assert colorize(np.array([[-1, 3, 7]]), COLORS).tolist() == [[[0, 0, 0]] * 3]
+
+
+def test_segmentation_grid_is_a_png_of_the_expected_size(tmp_path):
+    path = tmp_path / "grid.png"
+    save_segmentation_grid(path, [grid_row(0), grid_row(1)], NAMES, COLORS)
+    legend_rows = -(-len(NAMES) // legend_columns(4))
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.size == (round(4 * PANEL_INCHES * GRID_DPI),
+                            round((TITLE_INCHES + 2 * PANEL_INCHES + legend_rows * LEGEND_ROW_INCHES) * GRID_DPI))
+
+
+def test_segmentation_grid_rejects_rows_with_different_entries(tmp_path):
+    other = grid_row(1)
+    del other["cluster"]
+    with pytest.raises(ValueError, match="every row"):
+        save_segmentation_grid(tmp_path / "grid.png", [grid_row(0), other], NAMES, COLORS)

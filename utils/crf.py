@@ -1,0 +1,269 @@
+"""Dense-CRF refinement of segmentation scores, in the caller's process or in a pool of worker processes.
+
+``dense_crf`` is the post-processing of STEGO (src/crf.py, itself from Van Gansbeke et al.), which PPAP copies:
+the scores are resized to the image (bilinear), turned into probabilities (softmax) and refined by 10 mean-field
+iterations of a fully connected CRF with a Gaussian smoothness kernel and a bilateral appearance kernel.
+
+``CRFPool`` runs it in worker processes while the caller computes the next batch::
+
+    with CRFPool(cfg.eval.crf_workers) as crf:
+        for batch in loader:
+            ...                                   # network forward, scores at label resolution
+            for i in range(len(images)):
+                crf.submit(first + i, denormalize_to_uint8(images[i]), scores[i].float().cpu().numpy())
+            for index, labels in crf.ready():     # finished results, in submission order, without waiting
+                ...
+        for index, labels in crf.results():       # the rest, waiting for each
+            ...
+
+Results are identical to calling ``dense_crf`` in a loop. The pool never uses ``fork``: STEGO's
+``multiprocessing.Pool`` forked a process that had CUDA and threads running, which can deadlock (STEGO issues
+#12 and #16). Workers receive numpy arrays only, ignore Ctrl-C (the caller's context manager stops them), and a
+worker's exception, or a worker that dies, is raised in the caller as ``CRFError`` naming the image. At most
+``max_in_flight`` tasks are queued or running; finished results wait in the pool until ``ready()`` or
+``results()`` takes them, so a caller that collects after every batch keeps memory bounded.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Hashable, Iterator, Literal, Optional
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_softmax
+
+CRF_MAX_ITER = 10  # mean-field iterations: MAX_ITER in STEGO's crf.py, as in PPAP
+CRF_POS_XY_STD = 1  # Gaussian (smoothness) kernel, spatial std in pixels: POS_XY_STD in STEGO
+CRF_POS_W = 3  # Gaussian kernel weight: POS_W in STEGO
+CRF_BI_XY_STD = 67  # bilateral (appearance) kernel, spatial std in pixels: Bi_XY_STD in STEGO
+CRF_BI_RGB_STD = 3  # bilateral kernel, colour std in uint8 levels (one for all channels): Bi_RGB_STD in STEGO
+CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
+
+START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
+IN_FLIGHT_PER_WORKER = 2  # one task running and one queued, so that a worker never waits for the caller
+WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # one thread per worker
+
+Output = Literal["labels", "probs"]
+OUTPUTS = ("labels", "probs")
+
+
+class CRFError(RuntimeError):
+    """The dense CRF failed on one image; the original exception is chained as the cause."""
+
+
+def _check_inputs(image: np.ndarray, scores: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be an HxWx3 uint8 array, got shape {image.shape} and dtype {image.dtype}")
+    if scores.ndim != 3 or not np.issubdtype(scores.dtype, np.floating):
+        raise ValueError(f"scores must be a CxHxW float array, got shape {scores.shape} and dtype {scores.dtype}")
+    if min(image.shape[:2]) < 1 or min(scores.shape) < 1:
+        raise ValueError(f"empty input: image {image.shape}, scores {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+
+
+# Source indices and the weight of the upper one, in float32 and in the order torch's bilinear resize
+# (align_corners=False, no antialiasing) computes them; results agree with it to a few float32 ulps.
+def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale = np.float32(size_in) / np.float32(size_out)
+    source = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    lower = np.minimum(source.astype(np.int64), size_in - 1)
+    upper = np.minimum(lower + 1, size_in - 1)
+    return lower, upper, np.clip(source - lower, 0, 1).astype(np.float32)
+
+
+def _resize_bilinear(scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    # CxhxW -> CxHxW as F.interpolate(mode="bilinear", align_corners=False), so that workers need not import torch
+    if scores.shape[1:] == (height, width):
+        return scores
+    lower, upper, weight = _linear_taps(scores.shape[2], width)  # along W first, then H, in torch's order
+    columns = scores[:, :, lower] * (1 - weight) + scores[:, :, upper] * weight
+    lower, upper, weight = _linear_taps(scores.shape[1], height)
+    weight = weight[None, :, None]
+    return columns[:, lower, :] * (1 - weight) + columns[:, upper, :] * weight
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=0, keepdims=True))
+    return shifted / shifted.sum(axis=0, keepdims=True)
+
+
+def dense_crf(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Refine CxhxW class scores (logits or log-probabilities) on an HxWx3 uint8 RGB image.
+
+    Returns the CRF's CxHxW float32 class probabilities at the image's resolution.
+    """
+    _check_inputs(image, scores)
+    height, width = image.shape[:2]
+    n_classes = scores.shape[0]
+    probs = _softmax(_resize_bilinear(scores.astype(np.float32, copy=False), height, width))
+    unary = np.ascontiguousarray(unary_from_softmax(probs))
+    # STEGO passes the image as BGR. One colour std for all channels makes the CRF model itself independent of the
+    # channel order, but its permutohedral-lattice approximation is not symmetric in the feature dimensions: RGB
+    # and BGR give probabilities that differ by up to ~0.9 on a noisy image. We keep BGR to reproduce the original.
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    crf = dcrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=CRF_POS_XY_STD, compat=CRF_POS_W)
+    crf.addPairwiseBilateral(sxy=CRF_BI_XY_STD, srgb=CRF_BI_RGB_STD, rgbim=bgr, compat=CRF_BI_W)
+    q = crf.inference(CRF_MAX_ITER)
+    return np.asarray(q, dtype=np.float32).reshape(n_classes, height, width)
+
+
+def _refine(image: np.ndarray, scores: np.ndarray, output: Output) -> np.ndarray:
+    probs = dense_crf(image, scores)
+    return probs.argmax(axis=0) if output == "labels" else probs
+
+
+def _init_worker() -> None:
+    # Ctrl-C in a terminal reaches the whole process group; the caller's context manager stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The CRF is single-threaded; keep libraries that start thread pools later (OpenMP, MKL) at one thread each.
+    for name in WORKER_THREAD_ENV:
+        os.environ[name] = "1"
+    torch = sys.modules.get("torch")  # imported when the caller's main module imports it (spawn re-imports it)
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_workers(workers: Optional[int]) -> int:
+    """``eval.crf_workers``: None -> the usable cores, 0 -> serial in the caller's process."""
+    if workers is None:
+        return usable_cores()
+    if workers < 0:
+        raise ValueError(f"crf_workers must be >= 0 or None (got {workers})")
+    return workers
+
+
+def _failure(index: Hashable, error: BaseException) -> CRFError:
+    return CRFError(f"dense CRF failed on image {index}: {type(error).__name__}: {error}")
+
+
+class CRFPool:
+    """Dense CRF on many images: ``submit`` returns at once, results come back in submission order.
+
+    ``workers``: processes (None = usable cores, 0 = serial in this process, same interface). ``output``:
+    "labels" yields HxW int64 argmax maps, "probs" the CxHxW float32 probabilities. ``max_in_flight``: tasks
+    queued or running before ``submit`` waits (default two per worker). Use it as a context manager: leaving the
+    block normally waits for running tasks; leaving it by an exception (Ctrl-C included) terminates the workers.
+    """
+
+    def __init__(self, workers: Optional[int] = None, output: Output = "labels",
+                 max_in_flight: Optional[int] = None) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS} (got {output!r})")
+        self.workers = resolve_workers(workers)
+        self.output = output
+        self.max_in_flight = IN_FLIGHT_PER_WORKER * max(self.workers, 1) if max_in_flight is None else max_in_flight
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1 (got {self.max_in_flight})")
+        self._tasks: deque[tuple[Hashable, Future]] = deque()
+        self._closed = False
+        self._executor: Optional[ProcessPoolExecutor] = None
+        if self.workers > 0:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(START_METHOD),
+                                                 initializer=_init_worker)
+
+    def __enter__(self) -> CRFPool:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[tuple[Hashable, np.ndarray]]:
+        return self.results()
+
+    def submit(self, index: Hashable, image: np.ndarray, scores: np.ndarray) -> None:
+        """Queue one image (HxWx3 uint8 RGB) and its CxhxW scores; waits only while the pool is full.
+
+        ``index`` identifies the result (an image index, or any key such as ``(index, "cluster")``). A failure of
+        an earlier task is raised here if it is already known.
+        """
+        if self._closed:
+            raise RuntimeError("submit() on a closed CRFPool")
+        self._raise_known_failure()
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(_refine(image, scores, self.output))
+            except Exception as error:
+                raise _failure(index, error) from error
+            self._tasks.append((index, future))
+            return
+        self._wait_for_room()
+        # Copies: the arrays are pickled later by a feeder thread, and the caller may reuse their memory (numpy views
+        # of torch tensors) before that. Negligible next to the CRF itself.
+        task = self._executor.submit(_refine, np.array(image), np.array(scores), self.output)
+        self._tasks.append((index, task))
+
+    def ready(self) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """(index, result) of the finished tasks at the front of the queue, in submission order, without waiting."""
+        while self._tasks and self._tasks[0][1].done():
+            yield self._pop()
+
+    def results(self) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """(index, result) of every submitted task not yet collected, in submission order, waiting for each."""
+        while self._tasks:
+            yield self._pop()
+
+    def close(self) -> None:
+        """Drop uncollected tasks, wait for the running ones and stop the workers."""
+        self._closed = True
+        self._tasks.clear()
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def terminate(self) -> None:
+        """Drop all tasks and kill the workers now (used on errors and Ctrl-C)."""
+        self._closed = True
+        self._tasks.clear()
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        # ProcessPoolExecutor has no public handle on its workers before Python 3.14 (terminate_workers()). Its
+        # manager thread sees them die, fails their futures and reaps them: wait for it rather than joining the
+        # processes here, which would race with it.
+        for process in list((executor._processes or {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def _pop(self) -> tuple[Hashable, np.ndarray]:
+        index, future = self._tasks[0]
+        error = future.exception()  # waits for the task
+        self._tasks.popleft()
+        if error is not None:
+            raise _failure(index, error) from error
+        return index, future.result()
+
+    def _raise_known_failure(self) -> None:
+        for index, future in self._tasks:
+            error = future.exception() if future.done() else None
+            if error is not None:
+                raise _failure(index, error) from error
+
+    def _wait_for_room(self) -> None:
+        while True:
+            running = [future for _, future in self._tasks if not future.done()]
+            if len(running) < self.max_in_flight:
+                return
+            wait(running, return_when=FIRST_COMPLETED)
+            self._raise_known_failure()

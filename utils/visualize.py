@@ -1,0 +1,79 @@
+"""Colour label maps and save image / prediction grids as PNG (matplotlib's Agg canvas, no pyplot state)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+GRID_DPI = 100
+PANEL_INCHES = 2.5  # one image or label map, margins included
+PANEL_MARGIN_INCHES = 0.05  # white space around each panel
+TITLE_INCHES = 0.25  # band above the first row for the column titles
+LEGEND_ROW_INCHES = 0.25  # one row of the class legend below the grid
+LEGEND_ENTRY_INCHES = 1.25  # width of one legend entry (colour patch and class name)
+FONT_SIZE = 8
+UINT8_MAX = 255
+
+
+def colorize(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """HxW class ids -> HxWx3 uint8 colours from a Kx3 uint8 palette; ids outside [0, K) (e.g. -1) are black."""
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be an HxW array, got shape {labels.shape}")
+    if colors.ndim != 2 or colors.shape[1] != 3 or colors.dtype != np.uint8:
+        raise ValueError(f"colors must be a Kx3 uint8 array, got shape {colors.shape} and dtype {colors.dtype}")
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    valid = (labels >= 0) & (labels < len(colors))
+    out[valid] = colors[labels[valid]]
+    return out
+
+
+def legend_columns(n_panel_columns: int) -> int:
+    """Legend entries per row under a grid of that many panel columns."""
+    return max(1, int(n_panel_columns * PANEL_INCHES / LEGEND_ENTRY_INCHES))
+
+
+def save_segmentation_grid(path: Union[str, Path], rows: Sequence[Mapping[str, np.ndarray]],
+                           class_names: Sequence[str], colors: np.ndarray) -> None:
+    """Save one PNG with a row per image and a column per entry, titled with the entry names, and a class legend.
+
+    Every row maps the same names, in the same order, to HxWx3 uint8 images (drawn as they are) or HxW label
+    maps (drawn with ``colorize``), e.g. {"image", "ground truth", "linear", "cluster", "linear + CRF", ...}.
+    """
+    if not rows:
+        raise ValueError("no rows to draw")
+    titles = list(rows[0])
+    if any(list(row) != titles for row in rows):
+        raise ValueError(f"every row must hold the entries {titles}, in that order")
+    if len(colors) != len(class_names):
+        raise ValueError(f"got {len(colors)} colours for {len(class_names)} class names")
+
+    n_rows, n_cols = len(rows), len(titles)
+    n_legend_rows = math.ceil(len(class_names) / legend_columns(n_cols))
+    width = n_cols * PANEL_INCHES
+    legend_height = n_legend_rows * LEGEND_ROW_INCHES
+    height = TITLE_INCHES + n_rows * PANEL_INCHES + legend_height
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    inner = PANEL_INCHES - 2 * PANEL_MARGIN_INCHES
+    for r, row in enumerate(rows):
+        bottom = legend_height + (n_rows - 1 - r) * PANEL_INCHES + PANEL_MARGIN_INCHES
+        for c, (title, array) in enumerate(row.items()):
+            left = c * PANEL_INCHES + PANEL_MARGIN_INCHES
+            ax = fig.add_axes((left / width, bottom / height, inner / width, inner / height))
+            if array.ndim == 2:
+                ax.imshow(colorize(array, colors), interpolation="nearest")
+            else:
+                ax.imshow(array)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=FONT_SIZE)
+    handles = [Patch(facecolor=color / UINT8_MAX, edgecolor="none", label=name)
+               for name, color in zip(class_names, colors)]
+    fig.legend(handles=handles, loc="lower center", ncol=legend_columns(n_cols), fontsize=FONT_SIZE, frameon=False,
+               borderaxespad=0.0, handlelength=1.0, columnspacing=0.8)
+    fig.savefig(path, dpi=GRID_DPI, format="png")
