@@ -287,3 +287,10 @@ def test_keys_left_out_of_a_section_take_their_defaults(tmp_path):
     cfg = load_config(write(tmp_path, data))
     assert (cfg.optimizer.net.name, cfg.optimizer.net.lr, cfg.optimizer.net.weight_decay) == ("adamw", 2e-4, 0.0)
     assert (cfg.optimizer.cluster.name, cfg.optimizer.cluster.lr) == ("adam", 1e-3)
+
+
+def test_optional_wandb_keys_of_the_original_are_accepted(tmp_path):
+    data = original()
+    data["wandb"].update({"id": "abc123", "notes": "first try", "tags": ["coco", "s8"]})
+    cfg = load_config(write(tmp_path, data))
+    assert (cfg.wandb.id, cfg.wandb.notes, cfg.wandb.tags) == ("abc123", "first try", ("coco", "s8"))

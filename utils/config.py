@@ -52,6 +52,9 @@ class WandbConfig:
     entity: Optional[str] = None
     name: str = "ppap"  # also the run directory: {output_dir}/{name}
     mode: str = "online"  # online | offline | disabled; --debug and --test force disabled
+    id: Optional[str] = None  # resume this wandb run id (read by the original's set_wandb)
+    notes: Optional[str] = None
+    tags: Optional[tuple[str, ...]] = None  # default: [dataset.data_type], as the original
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", ("online", "offline", "disabled"))
