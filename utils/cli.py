@@ -34,13 +34,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.opt, overrides)
 
 
+def one_line(err: BaseException) -> str:
+    """The message of ``err``; for an error re-raised from a DataLoader worker, the original message only.
+
+    torch re-raises a worker's exception with the same type and a message that holds the worker's whole
+    traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its last line is
+    "module.Type: message".
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Call ``main(argv)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C status 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

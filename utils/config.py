@@ -212,6 +212,9 @@ class TrainConfig:
             value = getattr(self, key)
             _require(value >= 1, key, f"must be >= 1 (got {value})")
         _require(self.grad_norm > 0, "grad_norm", f"must be > 0 (got {self.grad_norm})")
+        _require(self.valid_freq % self.num_accum == 0, "valid_freq",
+                 f"({self.valid_freq}) must be a multiple of num_accum ({self.num_accum}), so that validations and "
+                 f"checkpoints fall between optimizer steps")
 
 
 @dataclass(frozen=True, kw_only=True)

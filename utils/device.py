@@ -6,9 +6,11 @@ This is the only module that names CUDA devices or half-precision dtypes; the re
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
+from lightning_fabric import Fabric
+from lightning_fabric.plugins.precision.amp import MixedPrecision
 
 from utils.errors import ConfigError
 
@@ -50,3 +52,58 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+class _OncePerIterationScaling(MixedPrecision):
+    """Fabric's MixedPrecision, except that a step does not update the loss scale.
+
+    Fabric updates the GradScaler after every optimizer step. With one optimizer per part (network, linear probe,
+    cluster probe) that updates the scale three times per iteration, and the later optimizers unscale their
+    gradients with a scale that may already have changed. As the original training loop, and as PyTorch's AMP
+    notes prescribe for several optimizers, we step all of them and then call ``update_scale()`` once.
+    """
+
+    def optimizer_step(self, optimizer, **kwargs):
+        if self.scaler is None:
+            return super().optimizer_step(optimizer, **kwargs)
+        return self.scaler.step(optimizer, **kwargs)
+
+    def update_scale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+
+def make_fabric(device: torch.device, precision: str) -> Fabric:
+    """A single-device Fabric for ``device`` and ``precision``; fp16 uses the original's GradScaler settings."""
+    accelerator, devices = ("cuda", [device.index or 0]) if device.type == "cuda" else (device.type, 1)
+    plugins = []
+    if precision != "fp32":
+        scaler = None
+        if precision == "fp16":
+            scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
+                                          growth_interval=GRAD_SCALER_GROWTH_INTERVAL)
+        plugins.append(_OncePerIterationScaling(FABRIC_PRECISION[precision], device.type, scaler=scaler))
+    fabric = Fabric(accelerator=accelerator, devices=devices, precision=None if plugins else FABRIC_PRECISION[precision],
+                    plugins=plugins or None)
+    return fabric
+
+
+def _plugin(fabric: Fabric):
+    return fabric._precision  # noqa: SLF001 - Fabric exposes its precision plugin only privately
+
+
+def update_scale(fabric: Fabric) -> None:
+    """Update the fp16 loss scale once per iteration, after every optimizer has stepped (no-op otherwise)."""
+    plugin = _plugin(fabric)
+    if isinstance(plugin, _OncePerIterationScaling):
+        plugin.update_scale()
+
+
+def scaler_state(fabric: Fabric) -> Optional[dict]:
+    """The fp16 GradScaler's state (None without one), for checkpoints."""
+    return _plugin(fabric).state_dict() or None
+
+
+def load_scaler_state(fabric: Fabric, state: Optional[dict]) -> None:
+    if state:
+        _plugin(fabric).load_state_dict(state)

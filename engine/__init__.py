@@ -1,0 +1,1 @@
+"""The loops: training (run.py) and evaluation (eval.py and validation during training)."""

@@ -1,0 +1,51 @@
+"""Train PPAP from a JSON option file.
+
+    python run.py --opt json/server/cocostuff8.json [--debug] [--resume] [--test] [--data_path DIR] [key=value ...]
+
+Exit status: 0 done, 1 training diverged (a non-finite loss), 2 a mistake in the options, data or files.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from engine.train import LAST, TrainingDiverged, evaluate_run, train
+from utils.cli import base_parser, config_from_args, run_main
+from utils.config import NONE_WEIGHTS, config_to_dict
+from utils.tracking import Tracker
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its last.pth")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    run_dir = Path(cfg.output_dir) / cfg.wandb.name
+    if args.test:  # evaluate the run's checkpoints only, no training, no wandb
+        evaluate_run(cfg, run_dir)
+        return 0
+    if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS:
+        print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
+              "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
+              "(pretrained_weights null, or a local file) and real data, e.g. json/server/cocostuff8.json.")
+
+    def make_tracker(run_id: Optional[str]) -> Tracker:
+        return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
+                       disabled=args.debug, run_id=run_id)
+
+    try:
+        train(cfg, run_dir, make_tracker, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    written = [p for p in sorted(run_dir.iterdir()) if p.is_file()]
+    print(f"\nwrote into {run_dir}:")
+    for path in written:
+        print(f"  {path}")
+    print(f"evaluate a checkpoint again with: python eval.py --opt {args.opt} --checkpoint {run_dir / LAST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

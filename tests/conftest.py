@@ -1,0 +1,56 @@
+"""Shared fixtures of the end-to-end tests: a tiny labelled image folder and the shipped demo options shrunk to it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_OPTIONS = ROOT / "json" / "demo.json"
+TINY_COLORS = np.array([(200, 60, 40), (50, 180, 60), (60, 80, 200)], np.float32)  # one per class
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 3-class ``directory`` set (16 train, 4 val images of 48 x 64 px): coloured halves and a square."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("val", 4)):
+        (root / "imgs" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            label = np.zeros((48, 64), np.uint8)
+            label[:, rng.integers(16, 48):] = 1
+            top, left = rng.integers(0, 24), rng.integers(0, 40)
+            label[top:top + 20, left:left + 20] = 2
+            label[0, 0] = 255  # one unlabelled pixel
+            image = TINY_COLORS[label.clip(0, 2)] + rng.normal(0, 12, (48, 64, 3))
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "imgs" / split / f"{i:03d}.png")
+            Image.fromarray(label).save(root / "labels" / split / f"{i:03d}.png")
+    return root
+
+
+def tiny_options(folder: Path, data_path: Path, **sections) -> Path:
+    """An option file extending the shipped json/demo.json, shrunk to CPU-test size; ``sections`` update it."""
+    options = {
+        "base": str(DEMO_OPTIONS),
+        "output_dir": str(folder / "output"),
+        "device": "cpu",
+        "wandb": {"name": "tiny", "mode": "disabled"},
+        "dataset": {"data_type": "directory", "data_path": str(data_path), "n_classes": 3,
+                    "class_names": ["red", "green", "blue"], "res": 64},
+        "dataloader": {"batch_size": 4, "num_workers": 0},
+        "training_coeff": {"initialcrit_pos": 0.5, "initialcrit_amb": 0.1},
+        "train": {"print_freq": 1, "valid_freq": 2, "epoch": 1},
+        "eval": {"is_crf": False, "is_visualize": False, "n_images": 2, "crf_workers": 0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            options.setdefault(section, {}).update(values)
+        else:
+            options[section] = values
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "options.json"
+    path.write_text(json.dumps(options))
+    return path

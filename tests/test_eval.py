@@ -1,0 +1,136 @@
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dataset import build_dataset
+from engine.evaluate import evaluate
+from model import build_model
+from tests.conftest import tiny_options
+from utils.cli import run_main
+from utils.config import load_config
+
+eval_script = importlib.import_module("eval")
+METRICS = {"Cluster_mIoU", "Cluster_Accuracy", "Linear_mIoU", "Linear_Accuracy"}
+
+
+def released_checkpoint(cfg, n_classes: int, seed: int = 0) -> dict:
+    """A checkpoint in the layout of the released PPAP files, from a tiny random model."""
+    torch.manual_seed(seed)
+    net, linear, cluster = build_model(cfg.model, n_classes)
+    return {"epoch": 4, "iter": 1000, "best_epoch": 4, "best_iter": 1000, "best": 150.0,
+            "net_model_state_dict": net.state_dict(), "net_optimizer_state_dict": None,
+            "linear_model_state_dict": linear.state_dict(), "linear_optimizer_state_dict": None,
+            "cluster_model_state_dict": cluster.state_dict(), "cluster_optimizer_state_dict": None}
+
+
+@pytest.fixture(scope="module")
+def released(tiny_data, tmp_path_factory):
+    """An option file naming checkpoint "ppap_tiny" and {output_dir}/ppap_tiny/ckpt.pth in the released layout."""
+    folder = tmp_path_factory.mktemp("released")
+    options = tiny_options(folder, tiny_data, checkpoint="ppap_tiny",
+                           eval={"is_crf": True, "is_visualize": True, "n_images": 2, "crf_workers": 0})
+    cfg = load_config(options)
+    path = folder / "output" / "ppap_tiny" / "ckpt.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(released_checkpoint(cfg, 3), path)
+    return options, path
+
+
+@pytest.fixture(scope="module")
+def report(released):
+    options, path = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--debug"]) == 0
+    return json.loads((path.parent / "eval_report.json").read_text())
+
+
+def test_released_checkpoint_is_evaluated_before_and_after_crf(report):
+    assert set(report["no_crf"]) == METRICS and set(report["crf"]) == METRICS
+    assert all(0 <= v <= 100 for setting in ("no_crf", "crf") for v in report[setting].values())
+    assert report["n_images"] == 4 and report["checkpoint"].endswith("ppap_tiny/ckpt.pth")
+
+
+def test_report_has_per_class_iou_by_class_name(report):
+    assert set(report["per_class_iou"]) == {"cluster", "linear"}
+    assert set(report["per_class_iou"]["cluster"]) == {"red", "green", "blue"}
+
+
+def test_confusion_matrix_and_visualisation_are_valid_pngs(report, released):
+    folder = released[1].parent
+    for name in ("confusion_matrix.png", "visualization.png"):
+        with Image.open(folder / name) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+
+
+def test_out_folder_receives_the_report(released, tmp_path):
+    options, _ = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--debug", "--out", str(tmp_path / "r"),
+                                       "eval.is_crf=false", "eval.is_visualize=false"]) == 0
+    written = json.loads((tmp_path / "r" / "eval_report.json").read_text())
+    assert "crf" not in written and set(written["no_crf"]) == METRICS
+
+
+def test_checkpoint_flag_takes_a_file(released, tmp_path, capsys):
+    options, path = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--test", "--checkpoint", str(path),
+                                       "--out", str(tmp_path), "eval.is_crf=false"]) == 0
+    assert "before CRF" in capsys.readouterr().out
+
+
+def test_mismatched_option_file_is_refused_naming_the_difference(released, capsys):
+    options, _ = released
+    status = run_main(eval_script.main, ["--opt", str(options), "--debug", "model.extra_clusters=2",
+                                         "eval.extra_clusters=2"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "the checkpoint has 3 cluster centroids of width 192; the option file asks for 5 (3 classes + 2 " \
+           "extra_clusters) of width 192 (vit_tiny)" in err
+
+
+def test_other_backbone_is_refused(released, capsys):
+    options, _ = released
+    status = run_main(eval_script.main, ["--opt", str(options), "--debug", "model.pretrained.model_type=vit_small",
+                                         "model.dim=384"])
+    assert status == 2
+    assert "holds a vit_tiny/16 backbone; the option file asks for vit_small/16" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_named(released, capsys):
+    options, _ = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--debug", "checkpoint=absent"]) == 2
+    assert "absent" in capsys.readouterr().err
+
+
+def test_unlabelled_validation_set_is_refused(tiny_data, tmp_path, released, capsys):
+    data = tmp_path / "unlabelled"
+    (data / "imgs").mkdir(parents=True)
+    for split in ("train", "val"):
+        (data / "imgs" / split).symlink_to(tiny_data / "imgs" / split, target_is_directory=True)
+    options, path = released
+    status = run_main(eval_script.main, ["--opt", str(options), "--debug", "--checkpoint", str(path),
+                                         f"dataset.data_path={data}"])
+    assert status == 2 and "label" in capsys.readouterr().err
+
+
+def test_predictions_are_the_argmax_of_probes_on_the_upsampled_code(released):
+    options, path = released
+    cfg = load_config(options)
+    val = build_dataset(cfg.dataset, "val")
+    net, linear, cluster = build_model(cfg.model, 3)
+    torch.manual_seed(1)
+    loader = DataLoader(val, batch_size=3)
+    ev = evaluate(net, linear, cluster, loader, torch.device("cpu"), "fp32", cfg.eval, 3)
+    confusion = np.zeros((3, 3), np.int64)  # linear prediction x true class, computed directly
+    net.eval()
+    with torch.no_grad():
+        for item in val:
+            code = F.interpolate(net(item["img"][None]).code, (320, 320), mode="bilinear", align_corners=False)
+            pred = linear(code).argmax(1)[0]
+            valid = item["label"] >= 0
+            np.add.at(confusion, (pred[valid].numpy(), item["label"][valid].numpy()), 1)
+    assert ev.no_crf.values["Linear_Accuracy"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())

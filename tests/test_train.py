@@ -1,0 +1,201 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from engine.train import EpochSampler, probe_cross_entropy
+from loss import PPAPLoss
+from tests.conftest import ROOT, tiny_options
+from utils.checkpoint import RELEASED_KEYS, load_checkpoint, save_atomically
+from utils.cli import run_main
+from utils.config import load_config
+
+RELEASED = set(RELEASED_KEYS) | {"net_optimizer_state_dict", "linear_optimizer_state_dict",
+                                 "cluster_optimizer_state_dict", "epoch", "iter", "best_epoch", "best_iter", "best"}
+METRICS = {"Cluster_mIoU", "Cluster_Accuracy", "Linear_mIoU", "Linear_Accuracy"}
+
+
+def train(options: Path, *args: str) -> int:
+    return run_main(run.main, ["--opt", str(options), "--debug", *args])
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One finished tiny run (1 epoch of 4 iterations, validation every 2), with CRF in the final evaluation."""
+    folder = tmp_path_factory.mktemp("trained")
+    options = tiny_options(folder, tiny_data, eval={"is_crf": True, "is_visualize": True, "crf_workers": 2})
+    assert train(options) == 0
+    return folder / "output" / "tiny"
+
+
+def test_run_writes_checkpoints_with_the_released_keys(trained):
+    for name in ("best.pth", "last.pth"):
+        ckpt = load_checkpoint(trained / name)
+        assert RELEASED <= set(ckpt)
+        assert {k.split(".")[0] for k in ckpt["net_model_state_dict"]} == {"model", "decoder", "project_head"}
+    assert load_checkpoint(trained / "last.pth")["iter"] == 4
+
+
+def test_run_directory_holds_config_log_and_final_report(trained):
+    assert load_config(trained / "config.json").dataset.n_classes == 3
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records].count("train") == 4 and [r["type"] for r in records].count("val") == 2
+    final = json.loads((trained / "final_metrics.json").read_text())
+    assert set(final) == {"best", "last"}
+    assert all(set(final[w]) == {"no_crf", "crf"} and set(final[w]["crf"]) == METRICS for w in final)
+    assert (trained / "last_visualization.png").stat().st_size > 0
+
+
+def test_checkpoint_rebuilds_the_model_from_its_config_alone(trained):
+    ckpt = load_checkpoint(trained / "last.pth")
+    cfg = load_config(trained / "config.json")
+    from engine.checkpoint import networks_from_checkpoint
+
+    net, _, _ = networks_from_checkpoint(ckpt, cfg.model, 3, "last.pth")
+    assert states_equal(net.state_dict(), ckpt["net_model_state_dict"])
+
+
+def test_train_line_reports_losses_anchor_statistics_and_speed(trained):
+    record = json.loads((trained / "log.jsonl").read_text().splitlines()[0])
+    assert {"loss", "ppap", "linear", "cluster", "num_pos", "num_neg", "lr", "grad_norm", "images_per_s"} <= set(record)
+    assert record["loss"] == pytest.approx(record["ppap"] + record["linear"] + record["cluster"], rel=1e-5)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tiny_data, tmp_path, monkeypatch):
+    whole = tiny_options(tmp_path / "whole", tiny_data, train={"epoch": 2})
+    assert train(whole) == 0
+    broken = tiny_options(tmp_path / "broken", tiny_data, train={"epoch": 2})
+    original = PPAPLoss.forward
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C in iteration 4: last.pth holds iteration 2
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PPAPLoss, "forward", interrupted)
+    assert train(broken) == 130
+    assert load_checkpoint(tmp_path / "broken" / "output" / "tiny" / "last.pth")["iter"] == 2
+    monkeypatch.setattr(PPAPLoss, "forward", original)
+    assert train(broken, "--resume") == 0
+    for name in ("last.pth", "best.pth"):
+        a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / name)
+        b = load_checkpoint(tmp_path / "broken" / "output" / "tiny" / name)
+        assert a["iter"] == b["iter"]
+        for key in RELEASED_KEYS:
+            assert states_equal(a[key], b[key]), (name, key)
+
+
+def test_training_n_then_resuming_to_2n_equals_training_2n(tiny_data, tmp_path):
+    whole = tiny_options(tmp_path / "whole", tiny_data, train={"epoch": 2})
+    assert train(whole) == 0
+    half = tiny_options(tmp_path / "half", tiny_data, train={"epoch": 1})
+    assert train(half) == 0
+    assert train(half, "--resume", "train.epoch=2") == 0
+    a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / "last.pth")
+    b = load_checkpoint(tmp_path / "half" / "output" / "tiny" / "last.pth")
+    assert a["iter"] == b["iter"] == 8
+    assert all(states_equal(a[key], b[key]) for key in RELEASED_KEYS)
+    assert a["net_optimizer_state_dict"]["state"].keys() == b["net_optimizer_state_dict"]["state"].keys()
+
+
+def test_same_seed_gives_the_same_numbers(tiny_data, tmp_path):
+    for name in ("a", "b"):
+        assert train(tiny_options(tmp_path / name, tiny_data)) == 0
+    logs = [(tmp_path / n / "output" / "tiny" / "log.jsonl").read_text().splitlines() for n in ("a", "b")]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "images_per_s"}  # noqa: E731
+    assert [strip(x) for x in logs[0]] == [strip(x) for x in logs[1]]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    options = tiny_options(tmp_path, tiny_data)
+    original = PPAPLoss.forward
+    calls = {"n": 0}
+
+    def diverging(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return result._replace(loss=result.loss * float("nan")) if calls["n"] == 3 else result
+
+    monkeypatch.setattr(PPAPLoss, "forward", diverging)
+    assert train(options) == 1
+    err = capsys.readouterr().err
+    assert "iteration 3 (epoch 0, batch 2): the PPAP loss is nan; training stopped" in err
+    assert "last.pth is the last good checkpoint" in err
+    assert load_checkpoint(tmp_path / "output" / "tiny" / "last.pth")["iter"] == 2
+
+
+def test_wandb_offline_writes_its_run_files(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    options = tiny_options(tmp_path, tiny_data, wandb={"name": "tiny", "mode": "offline"})
+    assert run_main(run.main, ["--opt", str(options)]) == 0
+    runs = list((tmp_path / "output" / "tiny" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert load_checkpoint(tmp_path / "output" / "tiny" / "last.pth")["wandb_run_id"] in runs[0].name
+
+
+def test_a_new_run_never_overwrites_an_existing_one(trained, capsys):
+    config_before = (trained / "config.json").read_text()
+    options = trained.parent.parent / "options.json"
+    assert train(options) == 2
+    assert "already holds a run (last.pth); pass --resume" in capsys.readouterr().err
+    assert (trained / "config.json").read_text() == config_before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dataset.data_path=/nowhere/at/all"], "/nowhere/at/all"),
+    (["train.epochz=1"], "unknown key train.epochz (did you mean train.epoch?)"),
+    (["--resume", "wandb.name=fresh"], "--resume: "),
+])
+def test_user_errors_give_one_line_and_status_2(tiny_data, tmp_path, capsys, args, message):
+    options = tiny_options(tmp_path, tiny_data)
+    assert train(options, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_every_shipped_option_file_loads():
+    files = sorted((ROOT / "json").rglob("*.json"))
+    assert len(files) >= 14
+    for path in files:
+        load_config(path)
+
+
+def test_kill_between_temporary_write_and_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_atomically({"iter": 1, "weights": torch.ones(3)}, path)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies after writing the temporary file, before the rename
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically({"iter": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["iter"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = EpochSampler(20, 4, seed=3), EpochSampler(20, 4, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2, start_batch=3)
+    assert list(b) == list(a)[12:]
+    a.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_probe_loss_ignores_unlabelled_pixels():
+    logits = torch.randn(1, 3, 2, 2)
+    label = torch.tensor([[[0, -1], [2, -1]]])
+    expected = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, 3)[[0, 2]], torch.tensor([0, 2]))
+    assert probe_cross_entropy(logits, label, 3).item() == pytest.approx(expected.item())
+    assert probe_cross_entropy(logits, torch.full((1, 2, 2), -1), 3).item() == 0.0

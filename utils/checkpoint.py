@@ -1,0 +1,65 @@
+"""Checkpoint files: written atomically, read with torch's safe loader, checked for the released PPAP keys.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so
+a kill at any moment leaves either the previous file or the new one, never a truncated file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from utils.errors import WeightsError
+
+RELEASED_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
+
+
+def save_atomically(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening a folder; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"cannot read checkpoint {path}: {first_line}") from None
+    if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in RELEASED_KEYS):
+        found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise WeightsError(f"{path} is not a PPAP checkpoint: expected the keys {', '.join(RELEASED_KEYS)} "
+                           f"(found {found})")
+    return dict(ckpt)
