@@ -195,7 +195,8 @@ def color_map(cfg: DatasetConfig) -> np.ndarray:
         return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
     if cfg.data_type == "demo":
         return np.array(DEMO_COLORS, dtype=np.uint8)
-    return pascal_color_map(n_classes(cfg))
+    # The PASCAL VOC map from its second entry on: its first is black, the colour of unlabelled pixels here.
+    return pascal_color_map(n_classes(cfg) + 1)[1:]
 
 
 def pascal_color_map(n: int) -> np.ndarray:

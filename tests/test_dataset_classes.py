@@ -74,3 +74,8 @@ def test_label_table_names_the_unknown_value_and_the_file():
 def test_directory_table_rejects_more_classes_than_8_bit_labels_hold():
     with pytest.raises(DataError, match="n_classes must be <= 255"):
         directory_table(256)
+
+
+@pytest.mark.parametrize("cfg", [_cfg("cocostuff27"), _cfg("potsdam"), _cfg("directory", n_classes=40)])
+def test_no_class_is_drawn_black_like_unlabelled_pixels(cfg):
+    assert not (color_map(cfg) == 0).all(axis=1).any()
