@@ -22,7 +22,7 @@ from utils.tracking import Tracker
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.")
     parser.add_argument("--out", default=None, help="folder for the report (default: the checkpoint's folder)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
     cfg = config_from_args(args)
     path = checkpoint_path(cfg, args.checkpoint)
     if not path.is_file():

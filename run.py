@@ -19,7 +19,7 @@ from utils.tracking import Tracker
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last.pth")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
     cfg = config_from_args(args)
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
     if args.test:  # evaluate the run's checkpoints only, no training, no wandb

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dataset import build_dataset, class_names, color_map, require_labels
 from engine.checkpoint import config_differences, load_networks, set_rng_state, training_checkpoint
 from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, Evaluation, evaluate, format_table, save_report
-from loss import PPAPLoss
+from loss import PPAPLoss, PPAPResult
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_atomically
 from utils.config import Config, OptimConfig, config_to_dict
@@ -113,6 +113,18 @@ def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int) -> Tensor
     if not bool(valid.any()):  # an unlabelled batch teaches the probe nothing (the original returned NaN)
         return logits.sum() * 0.0
     return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid])
+
+
+def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_fn: nn.Module, img: Tensor,
+                   label: Tensor, n_classes: int) -> tuple[dict[str, Tensor], PPAPResult]:
+    """The loss terms of one batch: PPAP on the network's output, the probes' losses on the detached code."""
+    out = net(img)
+    ppap = loss_fn(out.z, out.feats)
+    code = out.code.detach()  # labels reach only the probes
+    terms = {"PPAP": ppap.loss,
+             "linear probe": probe_cross_entropy(linear(code), label, n_classes),
+             "cluster probe": cluster(code, None).loss}
+    return terms, ppap
 
 
 @dataclass
@@ -215,12 +227,7 @@ def train(cfg: Config, run_dir: Path, make_tracker: Callable[[Optional[str]], Tr
             for i, batch in enumerate(batches, start=start_batch):
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
-                out = net_f(img)
-                ppap = loss_fn(out.z, out.feats)
-                code = out.code.detach()
-                terms = {"PPAP": ppap.loss,
-                         "linear probe": probe_cross_entropy(linear_f(code), label, n_classes),
-                         "cluster probe": cluster_f(code, None).loss}
+                terms, ppap = forward_losses(net_f, linear_f, cluster_f, loss_fn, img, label, n_classes)
                 values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
                 _check_finite(terms, values, progress.iteration + 1, epoch, i, last_path)
                 fabric.backward(sum(terms.values()) / cfg.train.num_accum)

@@ -252,6 +252,13 @@ def test_cli_applies_data_path_and_overrides():
     assert cfg.dataset.data_path == "/x y" and cfg.train.epoch == 2
 
 
+def test_overrides_may_come_between_flags():
+    args = base_parser("t").parse_intermixed_args(["--opt", str(ORIGINAL / "cocostuff8.json"), "train.epoch=2",
+                                                   "--debug", "seed=4", "--data_path", "/d", "dataset.res=448"])
+    cfg = config_from_args(args)
+    assert (cfg.train.epoch, cfg.seed, cfg.dataset.res, cfg.dataset.data_path, args.debug) == (2, 4, 448, "/d", True)
+
+
 def test_user_error_becomes_one_line_and_status_2(capsys):
     def main(argv):
         raise ConfigError("x.json: unknown key foo")

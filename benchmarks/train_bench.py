@@ -1,0 +1,89 @@
+"""Training throughput (images/s) of one full PPAP step, with our loss and with a straightforward one, in one run.
+
+Both steps are identical (the network with its frozen trunk under no_grad, the probes, backward, gradient clipping,
+three optimizer steps) except for the PPAP loss: ours, or the block-by-block version of benchmarks/loss_bench.py
+that materialises the (anchors x N x C) product as the original does. Random weights and random 224 px images: the
+speed does not depend on them.
+
+    python benchmarks/train_bench.py --arch vit_tiny --patch 16 --batch 8
+    python benchmarks/train_bench.py --arch vit_small --patch 8 --batch 8 --device cuda --precision fp16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.loss_bench import PAPER_COEFF, straightforward_loss  # noqa: E402
+from engine.train import build_optimizers, forward_losses  # noqa: E402
+from loss import PPAPLoss, PPAPResult  # noqa: E402
+from model import build_model  # noqa: E402
+from utils.config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
+from utils.device import make_fabric, update_scale  # noqa: E402
+
+N_CLASSES = 27  # COCO-Stuff
+
+
+class StraightforwardPPAP(torch.nn.Module):
+    """The straightforward loss behind the PPAPLoss interface, anchors drawn the same way."""
+
+    def forward(self, z, feats, anchors=None):
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        anchors = PPAPLoss(PAPER_COEFF).draw_anchors(z.shape[0])
+        loss = straightforward_loss(z.float(), feats.float(), anchors, PAPER_COEFF)
+        return PPAPResult(loss=loss, num_pos=loss.new_zeros(()), num_neg=loss.new_zeros(()))
+
+
+def images_per_second(loss_fn, args, device: torch.device) -> float:
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=BACKBONE_WIDTH[args.arch], pretrained=PretrainedConfig(
+        model_type=args.arch, dino_patch_size=args.patch, pretrained_weights="none"))
+    net, linear, cluster = build_model(cfg, N_CLASSES)
+    optimizers = build_optimizers(OptimizerConfig(), net, linear, cluster)
+    fabric = make_fabric(device, args.precision)
+    net_f, opt_net = fabric.setup(net, optimizers["net"])
+    linear_f, opt_linear = fabric.setup(linear, optimizers["linear"])
+    cluster_f, opt_cluster = fabric.setup(cluster, optimizers["cluster"])
+    img = torch.randn(args.batch, 3, 224, 224, device=device)
+    label = torch.randint(N_CLASSES, (args.batch, 224, 224), device=device)
+    times = []
+    for _ in range(args.steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        terms, _ = forward_losses(net_f, linear_f, cluster_f, loss_fn, img, label, N_CLASSES)
+        fabric.backward(sum(terms.values()))
+        fabric.clip_gradients(net_f, opt_net, max_norm=10.0, error_if_nonfinite=False)
+        for opt in (opt_net, opt_linear, opt_cluster):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        update_scale(fabric)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return args.batch / sorted(times[1:])[len(times[1:]) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small", choices=sorted(BACKBONE_WIDTH))
+    parser.add_argument("--patch", type=int, default=8, choices=(8, 16))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    ours = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
+    plain = images_per_second(StraightforwardPPAP(), args, device)
+    print(f"training step, {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, device={device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"  straightforward loss {plain:8.2f} images/s")
+    print(f"  ours                 {ours:8.2f} images/s   ({ours / plain:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
