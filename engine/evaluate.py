@@ -106,17 +106,16 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 no_crf[0].update(cluster_pred, label)
                 no_crf[1].update(linear_pred, label)
                 losses.append(float(cluster_out.loss))
-                for j in range(img.shape[0]):
-                    index = n_images + j
-                    if index < n_examples:
-                        examples.append({"image": denormalize_to_uint8(img[j]), "ground truth": _np(label[j]),
-                                         "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
+                shown = min(img.shape[0], max(n_examples - n_images, 0))  # images of this batch to visualise
+                images = [denormalize_to_uint8(img[j]) for j in range(img.shape[0] if crf else shown)]
+                for j in range(shown):
+                    examples.append({"image": images[j], "ground truth": _np(label[j]),
+                                     "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
                 if crf:
                     linear_log = F.log_softmax(linear_logits.float(), dim=1).cpu().numpy()
                     cluster_log = F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1).cpu().numpy()
-                    for j in range(img.shape[0]):
+                    for j, image in enumerate(images):
                         index = n_images + j
-                        image = denormalize_to_uint8(img[j])
                         pending[index] = label[j]
                         pool.submit((index, "linear"), image, linear_log[j])
                         pool.submit((index, "cluster"), image, cluster_log[j])

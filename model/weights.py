@@ -5,15 +5,13 @@ does not fit is an error that says what differs, never a silently random backbon
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import pickle
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from utils.checkpoint import read_torch_file
 from utils.config import BACKBONE_WIDTH, NONE_WEIGHTS
 from utils.errors import WeightsError
 
@@ -52,7 +50,7 @@ def load_backbone_weights(vit: nn.Module, pretrained_weights: Optional[str], mod
         state_dict = _download(url)
         source = url
     else:
-        state_dict = read_weight_file(pretrained_weights)
+        state_dict = read_torch_file(pretrained_weights, "weight file")
         source = pretrained_weights
     load_state_dict_exactly(vit, extract_backbone_state_dict(state_dict, source), source,
                             expected=f"{model_type}/{patch_size}")
@@ -67,19 +65,6 @@ def _download(url: str) -> dict[str, Tensor]:
             f"could not download the DINO weights from {url} ({type(err).__name__}: {err}). Download the file "
             f"elsewhere and pass it with model.pretrained.pretrained_weights=/path/to/file.pth"
         ) from None
-
-
-def read_weight_file(path: str | Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (plus DINO's argparse.Namespace of arguments)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weight file {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"cannot read weight file {path}: {first_line}") from None
 
 
 def extract_backbone_state_dict(obj: Any, source: str) -> dict[str, Tensor]:

@@ -5,6 +5,7 @@ a kill at any moment leaves either the previous file or the new one, never a tru
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
@@ -48,16 +49,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
+def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
+    """``torch.load`` on the CPU, restricted to tensors and plain containers (plus the argparse.Namespace that DINO
+    training checkpoints hold); a missing or unreadable file raises ``WeightsError`` naming ``kind`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"checkpoint {path} not found")
+        raise WeightsError(f"{kind} {path} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise WeightsError(f"cannot read {kind} {path}: {first_line}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in RELEASED_KEYS):
         found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise WeightsError(f"{path} is not a PPAP checkpoint: expected the keys {', '.join(RELEASED_KEYS)} "
