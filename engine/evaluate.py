@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dataset import build_dataset, class_names, color_map, require_labels
@@ -220,8 +221,7 @@ def evaluate_checkpoint(cfg: Config, path: Path, out_dir: Path, tracker: Tracker
     net, linear, cluster = networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes, str(path))
     for module in (net, linear, cluster):
         module.to(device)
-    loader = DataLoader(val_set, batch_size=EVAL_BATCH_SIZE, shuffle=False, num_workers=cfg.dataloader.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
     ev = evaluate(net, linear, cluster, loader, device, precision, cfg.eval, val_set.n_classes, crf=cfg.eval.is_crf,
                   n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0)
     names, colors = class_names(cfg.dataset), color_map(cfg.dataset)
@@ -235,3 +235,19 @@ def evaluate_checkpoint(cfg: Config, path: Path, out_dir: Path, tracker: Tracker
                  for k, v in values.items()}, step=0)
     tracker.log_images({k: v for k, v in paths.items() if k != "report"}, step=0)
     return paths
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker)."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(dataset: Dataset, cfg: Config, device: torch.device, batch_size: int,
+                sampler: Optional[Sampler] = None, drop_last: bool = False) -> DataLoader:
+    """A data loader as training and evaluation use it: seeded, pinned on CUDA, persistent workers."""
+    workers = cfg.dataloader.num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(cfg.seed))

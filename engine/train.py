@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from dataset import build_dataset, class_names, color_map, require_labels
 from engine.checkpoint import config_differences, load_networks, set_rng_state, training_checkpoint
-from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, Evaluation, evaluate, format_table, save_report
+from engine.evaluate import (EVAL_BATCH_SIZE, METRIC_NAMES, Evaluation, evaluate, format_table, make_loader,
+                             save_report)
 from loss import PPAPLoss, PPAPResult
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_atomically
@@ -84,13 +85,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker)."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
 
 
 def build_optimizers(cfg, net: nn.Module, linear: nn.Module, cluster: nn.Module) -> dict[str, torch.optim.Optimizer]:
@@ -168,9 +162,9 @@ def train(cfg: Config, run_dir: Path, make_tracker: Callable[[Optional[str]], Tr
         log.warning("the validation set has no labels: training runs without validation and best.pth, "
                     "and last.pth is saved every %d iterations", cfg.train.valid_freq)
     sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed)
-    train_loader = _loader(train_set, cfg, device, batch_size=cfg.dataloader.batch_size, sampler=sampler,
+    train_loader = make_loader(train_set, cfg, device, batch_size=cfg.dataloader.batch_size, sampler=sampler,
                            drop_last=True)
-    val_loader = _loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
+    val_loader = make_loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
     n_batches = sampler.batches_per_epoch()
 
     net, linear, cluster = build_model(cfg.model, n_classes)
@@ -283,14 +277,6 @@ def _check_finite(terms: dict[str, Tensor], values: list[float], iteration: int,
                                    f"training stopped, {kept}")
 
 
-def _loader(dataset: Dataset, cfg: Config, device: torch.device, batch_size: int,
-            sampler: Optional[Sampler] = None, drop_last: bool = False) -> DataLoader:
-    workers = cfg.dataloader.num_workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(cfg.seed))
-
-
 class Journal:
     """The run's record: a concise console line, a JSON line in log.jsonl and a wandb entry per event."""
 
@@ -378,6 +364,6 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     net, linear, cluster = build_model(cfg.model, val_set.n_classes, load_backbone=False)
     for module in (net, linear, cluster):
         module.to(device)
-    val_loader = _loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
+    val_loader = make_loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
     return final_evaluation(cfg, run_dir, net, linear, cluster, val_loader, device, precision, val_set.n_classes,
                             validate=True)
