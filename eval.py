@@ -1,10 +1,13 @@
 """Evaluate a PPAP checkpoint (one of ours, or a released one) on the validation split, before and after CRF.
 
+    python eval.py --checkpoint RUN/last.pth [--data_path DIR] [--out DIR] [--debug] [key=value ...]
     python eval.py --opt json/server/cocostuff8_eval.json [--checkpoint FILE] [--out DIR] [--debug] [key=value ...]
 
-Loads {output_dir}/{checkpoint}/ckpt.pth as the original eval.py, or the file given with --checkpoint; writes
-eval_report.json, the confusion matrix (and, with eval.is_visualize, a visualisation) next to the checkpoint or
-into --out. Exit status 2 for a mistake in the options, the data or the checkpoint.
+A checkpoint written by run.py carries its options, so it needs no --opt; a released checkpoint needs the option
+file it was trained with. Without --checkpoint, {output_dir}/{checkpoint}/ckpt.pth of the option file is loaded,
+as the original eval.py did. Writes eval_report.json, the confusion matrix (and, with eval.is_visualize, a
+visualisation) next to the checkpoint or into --out. Exit status 2 for a mistake in the options, the data or the
+checkpoint.
 """
 from __future__ import annotations
 
@@ -12,31 +15,35 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engine.evaluate import checkpoint_path, evaluate_checkpoint
-from utils.cli import base_parser, config_from_args, run_main
+from engine.checkpoint import load_checkpoint
+from engine.evaluate import checkpoint_path, config_for_checkpoint, evaluate_and_report
+from utils.cli import base_parser, config_from_args, overrides_from_args, run_main
 from utils.config import config_to_dict
-from utils.errors import WeightsError
+from utils.device import make_fabric, resolve_device, resolve_precision
 from utils.tracking import Tracker
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.")
+    parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.",
+                         opt_required=False)
     parser.add_argument("--out", default=None, help="folder for the report (default: the checkpoint's folder)")
     args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
-    cfg = config_from_args(args)
+    cfg = config_from_args(args) if args.opt else None
     path = checkpoint_path(cfg, args.checkpoint)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} not found")
+    ckpt = load_checkpoint(path)
+    cfg = config_for_checkpoint(cfg, ckpt, overrides_from_args(args), path)
     out_dir = Path(args.out) if args.out else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device, cfg.gpu_ids)
+    fabric, precision = make_fabric(device), resolve_precision(cfg.precision, device)
     tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
                       disabled=args.debug or args.test)
     try:
-        paths = evaluate_checkpoint(cfg, path, out_dir, tracker)
+        reports = evaluate_and_report(cfg, {"": (path, ckpt)}, out_dir, fabric, precision, tracker)
     finally:
         tracker.finish()
-    for name, written in paths.items():
-        print(f"{name}: {written}")
+    for written in reports.files:
+        print(f"wrote {written}")
     return 0
 
 

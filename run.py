@@ -1,6 +1,7 @@
 """Train PPAP from a JSON option file.
 
-    python run.py --opt json/server/cocostuff8.json [--debug] [--resume] [--test] [--data_path DIR] [key=value ...]
+    python run.py --opt json/server/cocostuff8.json [--debug] [--resume] [--data_path DIR] [key=value ...]
+    python run.py --opt json/server/cocostuff8.json --test      # evaluate the run's best.pth and last.pth again
 
 Exit status: 0 done, 1 training diverged (a non-finite loss), 2 a mistake in the options, data or files.
 """
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 from engine.train import LAST, TrainingDiverged, evaluate_run, train
 from utils.cli import base_parser, config_from_args, run_main
 from utils.config import NONE_WEIGHTS, config_to_dict
+from utils.errors import ConfigError
 from utils.tracking import Tracker
 
 
@@ -20,20 +22,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last.pth")
     args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
+    if args.checkpoint is not None:  # the original accepted it here and ignored it
+        raise ConfigError("run.py does not read --checkpoint: evaluate a checkpoint with "
+                          "python eval.py --checkpoint FILE, continue this run with --resume, or evaluate its "
+                          "best.pth and last.pth with --test")
     cfg = config_from_args(args)
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
-    if args.test:  # evaluate the run's checkpoints only, no training, no wandb
-        evaluate_run(cfg, run_dir)
+
+    def make_tracker(run_id: Optional[str]) -> Tracker:
+        return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
+                       disabled=args.debug or args.test, run_id=run_id)
+
+    if args.test:
+        evaluate_run(cfg, run_dir, make_tracker(None))
         return 0
     if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS:
         print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
               "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
               "(pretrained_weights null, or a local file) and real data, e.g. json/server/cocostuff8.json.")
-
-    def make_tracker(run_id: Optional[str]) -> Tracker:
-        return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
-                       disabled=args.debug, run_id=run_id)
-
     try:
         train(cfg, run_dir, make_tracker, resume=args.resume)
     except TrainingDiverged as err:
@@ -43,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nwrote into {run_dir}:")
     for path in written:
         print(f"  {path}")
-    print(f"evaluate a checkpoint again with: python eval.py --opt {args.opt} --checkpoint {run_dir / LAST}")
+    print(f"evaluate a checkpoint again with: python eval.py --checkpoint {run_dir / LAST}")
     return 0
 
 

@@ -24,7 +24,7 @@ from engine.train import build_optimizers, forward_losses  # noqa: E402
 from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
 from utils.config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
-from utils.device import make_fabric, update_scale  # noqa: E402
+from utils.device import autocast, grad_scaler  # noqa: E402
 
 N_CLASSES = 27  # COCO-Stuff
 
@@ -43,24 +43,24 @@ def images_per_second(loss_fn, args, device: torch.device) -> float:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=BACKBONE_WIDTH[args.arch], pretrained=PretrainedConfig(
         model_type=args.arch, dino_patch_size=args.patch, pretrained_weights="none"))
-    net, linear, cluster = build_model(cfg, N_CLASSES)
+    net, linear, cluster = (m.to(device) for m in build_model(cfg, N_CLASSES))
     optimizers = build_optimizers(OptimizerConfig(), net, linear, cluster)
-    fabric = make_fabric(device, args.precision)
-    net_f, opt_net = fabric.setup(net, optimizers["net"])
-    linear_f, opt_linear = fabric.setup(linear, optimizers["linear"])
-    cluster_f, opt_cluster = fabric.setup(cluster, optimizers["cluster"])
+    scaler = grad_scaler(device, args.precision)
     img = torch.randn(args.batch, 3, 224, 224, device=device)
     label = torch.randint(N_CLASSES, (args.batch, 224, 224), device=device)
     times = []
     for _ in range(args.steps + 1):  # the first step warms up
         start = time.perf_counter()
-        terms, _ = forward_losses(net_f, linear_f, cluster_f, loss_fn, img, label, N_CLASSES)
-        fabric.backward(sum(terms.values()))
-        fabric.clip_gradients(net_f, opt_net, max_norm=10.0, error_if_nonfinite=False)
-        for opt in (opt_net, opt_linear, opt_cluster):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        update_scale(fabric)
+        with autocast(device, args.precision):
+            terms, _ = forward_losses(net, linear, cluster, loss_fn, img, label, N_CLASSES)
+        scaler.scale(terms.total).backward()
+        scaler.unscale_(optimizers.net)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

@@ -1,14 +1,16 @@
-"""PPAP checkpoints: the released layout plus what an exact resume needs, and loading them into the model.
+"""PPAP checkpoints: what one holds, and reading one back into the model (utils/files.py writes and reads files).
 
 Keys of the released checkpoints (and of the original's save_checkpoint): ``net_model_state_dict``,
-``linear_model_state_dict``, ``cluster_model_state_dict``, their ``*_optimizer_state_dict`` (None in the released
-files), ``epoch``, ``iter``, ``best_epoch``, ``best_iter`` and ``best``. Ours add the fp16 loss-scaler state, the
-random-number-generator states, the data-loader position, the last validation metrics, the wandb run id and the
-resolved config, so a checkpoint alone rebuilds the model and continues training exactly.
+``linear_model_state_dict``, ``cluster_model_state_dict``, ``net_optimizer_state_dict``,
+``linear_optimizer_state_dict``, ``cluster_optimizer_state_dict`` (None in the released files), ``epoch``, ``iter``,
+``best_epoch``, ``best_iter`` and ``best``. Ours fill those keys and add what an exact resume and a model rebuilt
+from the checkpoint alone need: the fp16 loss-scaler state, the random-number-generator states, the data-loader
+position, the wandb run id and the resolved config.
 """
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -19,8 +21,55 @@ from model import ClusterProbe, PPAPNet, build_model
 from model.weights import describe_vit_state_dict, load_state_dict_exactly
 from utils.config import ModelConfig
 from utils.errors import WeightsError
+from utils.files import read_torch_file
 
+RELEASED_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
+OPTIMIZER_KEYS = ("net_optimizer_state_dict", "linear_optimizer_state_dict", "cluster_optimizer_state_dict")
+# Checkpoints without this key are released (or hand-made) files: they evaluate, but hold no training state.
 FORMAT_VERSION = 1
+TRAINING_STATE_KEYS = OPTIMIZER_KEYS + ("rng_state", "batch_in_epoch", "config")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
+    ckpt = read_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in RELEASED_KEYS):
+        found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise WeightsError(f"{path} is not a PPAP checkpoint: expected the keys {', '.join(RELEASED_KEYS)} "
+                           f"(found {found})")
+    return dict(ckpt)
+
+
+def require_training_state(ckpt: Mapping[str, Any], source: str) -> None:
+    """Refuse to resume from a checkpoint that holds only weights (a released file, or one of another version)."""
+    if ckpt.get("format_version") != FORMAT_VERSION or any(ckpt.get(k) is None for k in TRAINING_STATE_KEYS):
+        raise WeightsError(f"--resume: {source} holds no training state of this version (format "
+                           f"{ckpt.get('format_version')}, expected {FORMAT_VERSION}); it can be evaluated with "
+                           f"eval.py --checkpoint {source}, but a run cannot continue from it")
+
+
+def training_checkpoint(net: nn.Module, linear: nn.Module, cluster: nn.Module,
+                        optimizers: Mapping[str, torch.optim.Optimizer], scaler: Mapping[str, Any],
+                        progress: Mapping[str, Any], config: Mapping[str, Any],
+                        wandb_run_id: Optional[str]) -> dict[str, Any]:
+    """Everything a checkpoint of a run holds. ``optimizers``: {"net": ..., "linear": ..., "cluster": ...};
+    ``progress``: the released keys epoch, iter, best_epoch, best_iter, best, and batch_in_epoch."""
+    return {
+        **progress,
+        "net_model_state_dict": _cpu(net.state_dict()),
+        "linear_model_state_dict": _cpu(linear.state_dict()),
+        "cluster_model_state_dict": _cpu(cluster.state_dict()),
+        **{f"{name}_optimizer_state_dict": optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "scaler_state_dict": dict(scaler),
+        "rng_state": rng_state(),
+        "wandb_run_id": wandb_run_id,
+        "config": dict(config),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,37 +129,6 @@ def load_networks(ckpt: Mapping[str, Any], net: nn.Module, linear: nn.Module, cl
     load_state_dict_exactly(net, ckpt["net_model_state_dict"], f"{source} (net_model_state_dict)")
     load_state_dict_exactly(linear, ckpt["linear_model_state_dict"], f"{source} (linear_model_state_dict)")
     load_state_dict_exactly(cluster, ckpt["cluster_model_state_dict"], f"{source} (cluster_model_state_dict)")
-
-
-def training_checkpoint(*, net: nn.Module, linear: nn.Module, cluster: nn.Module, optimizers: Mapping[str, Any],
-                        scaler: Optional[Mapping[str, Any]], epoch: int, iteration: int, batch_in_epoch: int,
-                        best: float, best_epoch: int, best_iter: int, metrics: Mapping[str, float],
-                        config: Mapping[str, Any], wandb_run_id: Optional[str]) -> dict[str, Any]:
-    """Everything a checkpoint holds. ``batch_in_epoch``: batches of ``epoch`` already trained on."""
-    return {
-        "epoch": epoch,
-        "iter": iteration,
-        "best_epoch": best_epoch,
-        "best_iter": best_iter,
-        "best": best,
-        "net_model_state_dict": _cpu(net.state_dict()),
-        "linear_model_state_dict": _cpu(linear.state_dict()),
-        "cluster_model_state_dict": _cpu(cluster.state_dict()),
-        "net_optimizer_state_dict": optimizers["net"].state_dict(),
-        "linear_optimizer_state_dict": optimizers["linear"].state_dict(),
-        "cluster_optimizer_state_dict": optimizers["cluster"].state_dict(),
-        "scaler_state_dict": dict(scaler) if scaler else None,
-        "batch_in_epoch": batch_in_epoch,
-        "rng_state": rng_state(),
-        "metrics": dict(metrics),
-        "wandb_run_id": wandb_run_id,
-        "config": dict(config),
-        "format_version": FORMAT_VERSION,
-    }
-
-
-def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

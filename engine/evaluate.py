@@ -1,55 +1,73 @@
 """Evaluation: one pass of the network over the validation set, scored before and (optionally) after dense CRF.
 
-``evaluate()`` is the one evaluation loop: run.py validates with it during training and evaluates best.pth and
-last.pth at the end; eval.py evaluates a saved or released checkpoint with it. As the original:
-- the code is upsampled bilinearly (align_corners False) to the label size before the probes;
+``evaluate()`` is the one evaluation loop: training validates with it. ``evaluate_and_report()`` is the one
+evaluation of saved checkpoints, behind eval.py, the end of a training run and ``run.py --test``. What is computed:
+- the code is upsampled bilinearly (align_corners False) to the label size before the probes, so every pixel of
+  the 320 x 320 label gets its own prediction;
 - linear prediction = argmax of the linear probe; cluster prediction = the nearest centroid (one-hot argmax);
-- for the CRF: log-softmax of the linear logits, and log-softmax(2 x cosine similarities) of the cluster probe;
+- for the CRF: log-softmax of the linear logits, and log-softmax(2 x cosine similarities) of the cluster probe
+  (the sharpening by 2 is the setting PPAP's and STEGO's published CRF numbers were computed with);
 - ``eval.is_direct``: the cluster probe takes the code itself as its similarities.
-Unlike the original, which ran the network twice (once without, once with CRF), one pass feeds both: the CRF
-runs in worker processes on the images of earlier batches while the network computes the next one.
+The original ran the network twice (once without, once with CRF); here one pass feeds both: the CRF runs in
+worker processes on the images of earlier batches while the network computes the next one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning_fabric import Fabric
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import build_dataset, class_names, color_map, require_labels
-from engine.checkpoint import networks_from_checkpoint
-from utils.checkpoint import load_checkpoint
-from utils.config import Config, EvalConfig
+from dataset import build_dataset, class_names, color_map, make_loader, require_labels
+from engine.checkpoint import config_differences, networks_from_checkpoint
+from utils.config import Config, EvalConfig, apply_overrides, config_from_dict, config_to_dict
 from utils.crf import CRFPool
-from utils.device import autocast, resolve_device, resolve_precision
+from utils.device import autocast
 from utils.errors import ConfigError
 from utils.image import denormalize_to_uint8
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils.tracking import Tracker
 from utils.visualize import save_segmentation_grid
 
-CRF_CLUSTER_ALPHA = 2.0  # the original feeds log_softmax(2 x similarities) of the cluster probe to the CRF
-EVAL_BATCH_SIZE = 8  # validation batch size of the original run.py
+log = logging.getLogger(__name__)
+
+CRF_CLUSTER_ALPHA = 2.0  # the cluster probe's similarities are sharpened by this factor before the CRF
+EVAL_BATCH_SIZE = 8  # validation batch size of the original training script
 METRIC_NAMES = ("Cluster_mIoU", "Cluster_Accuracy", "Linear_mIoU", "Linear_Accuracy")
+EVALUATION_SECTIONS = ("model.", "dataset.", "eval.")  # the options an evaluation depends on
+SETTINGS = {"no_crf": "before CRF", "crf": "after CRF"}  # result key -> how tables name it
+CKPT_FILE = "ckpt.pth"  # the file name the original eval.py loads from {output_dir}/{checkpoint}/
 
 
 @dataclass
 class Scores:
-    """The two metrics of one setting (without or with CRF), computed."""
+    """The cluster probe's and the linear probe's metrics in one setting (before or after CRF)."""
 
     cluster: UnsupervisedMetrics
     linear: UnsupervisedMetrics
-    values: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)  # the four metrics by name, set by compute()
+
+    @classmethod
+    def empty(cls, n_classes: int, cfg: EvalConfig, device: torch.device) -> Scores:
+        return cls(cluster=UnsupervisedMetrics(CLUSTER_PREFIX, n_classes, cfg.extra_clusters, True,
+                                               legacy_extra_cluster_mask=cfg.legacy_extra_cluster_mask).to(device),
+                   linear=UnsupervisedMetrics(LINEAR_PREFIX, n_classes, 0, False).to(device))
+
+    def compute(self) -> Scores:
+        """Match clusters to classes and compute the metrics, once all predictions are counted."""
+        self.values = get_metrics(self.cluster, self.linear)
+        return self
 
     def per_class_iou(self, class_names: list[str]) -> dict[str, dict[str, Optional[float]]]:
         return {"cluster": _finite(self.cluster.per_class_iou(class_names)),
@@ -65,17 +83,11 @@ class Evaluation:
     examples: list[dict[str, np.ndarray]]  # the first images with their predictions, for visualisation
 
     def metrics(self) -> dict[str, dict[str, float]]:
+        """``{"no_crf": {metric: value}, "crf": {...}}`` (no "crf" without CRF), values in percent."""
         out = {"no_crf": self.no_crf.values}
         if self.crf is not None:
             out["crf"] = self.crf.values
         return out
-
-
-def _metric_pair(n_classes: int, cfg: EvalConfig, device: torch.device) -> tuple[UnsupervisedMetrics, UnsupervisedMetrics]:
-    cluster = UnsupervisedMetrics(CLUSTER_PREFIX, n_classes, cfg.extra_clusters, True,
-                                  legacy_extra_cluster_mask=cfg.legacy_extra_cluster_mask).to(device)
-    linear = UnsupervisedMetrics(LINEAR_PREFIX, n_classes, 0, False).to(device)
-    return cluster, linear
 
 
 @torch.inference_mode()
@@ -87,7 +99,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    no_crf, with_crf = _metric_pair(n_classes, cfg, device), (_metric_pair(n_classes, cfg, device) if crf else None)
+    no_crf = Scores.empty(n_classes, cfg, device)
+    with_crf = Scores.empty(n_classes, cfg, device) if crf else None
     losses, n_images, examples = [], 0, []
     pending: dict[int, Tensor] = {}  # labels of images whose CRF result has not come back yet
     crf_results: dict[tuple[int, str], np.ndarray] = {}  # CRF maps of the example images
@@ -99,13 +112,12 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
                 with autocast(device, precision):
-                    code = net(img).code
-                    code = F.interpolate(code, label.shape[-2:], mode="bilinear", align_corners=False)
+                    code = F.interpolate(net(img).code, label.shape[-2:], mode="bilinear", align_corners=False)
                     linear_logits = linear_probe(code)
-                    cluster_out = cluster_probe(code, None, is_direct=cfg.is_direct)
+                    cluster_out = cluster_probe(code, is_direct=cfg.is_direct)
                 linear_pred, cluster_pred = linear_logits.argmax(1), cluster_out.inner.argmax(1)
-                no_crf[0].update(cluster_pred, label)
-                no_crf[1].update(linear_pred, label)
+                no_crf.cluster.update(cluster_pred, label)
+                no_crf.linear.update(linear_pred, label)
                 losses.append(float(cluster_out.loss))
                 shown = min(img.shape[0], max(n_examples - n_images, 0))  # images of this batch to visualise
                 images = [denormalize_to_uint8(img[j]) for j in range(img.shape[0] if crf else shown)]
@@ -113,13 +125,14 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                     examples.append({"image": images[j], "ground truth": _np(label[j]),
                                      "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
                 if crf:
-                    linear_log = F.log_softmax(linear_logits.float(), dim=1).cpu().numpy()
-                    cluster_log = F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1).cpu().numpy()
+                    crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1).cpu().numpy(),
+                                  "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(),
+                                                           dim=1).cpu().numpy()}
                     for j, image in enumerate(images):
                         index = n_images + j
                         pending[index] = label[j]
-                        pool.submit((index, "linear"), image, linear_log[j])
-                        pool.submit((index, "cluster"), image, cluster_log[j])
+                        for kind in ("linear", "cluster"):  # cluster last: its result completes the image
+                            pool.submit((index, kind), image, crf_inputs[kind][j])
                     _collect(pool.ready(), pending, with_crf, crf_results, n_examples, device, crf_bar)
                 n_images += img.shape[0]
             if crf:
@@ -127,32 +140,27 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
-    scores_no_crf = _scores(*no_crf)
-    scores_crf = _scores(*with_crf) if crf else None
+    no_crf.compute()
+    if with_crf is not None:
+        with_crf.compute()
     for index, example in enumerate(examples):
-        example["cluster"] = _mapped(scores_no_crf.cluster, example["cluster"])
-        if crf:
+        example["cluster"] = _mapped(no_crf.cluster, example["cluster"])
+        if with_crf is not None:
             example["linear + CRF"] = crf_results[(index, "linear")]
-            example["cluster + CRF"] = _mapped(scores_crf.cluster, crf_results[(index, "cluster")])
-    return Evaluation(no_crf=scores_no_crf, crf=scores_crf, loss=float(np.mean(losses)) if losses else math.nan,
+            example["cluster + CRF"] = _mapped(with_crf.cluster, crf_results[(index, "cluster")])
+    return Evaluation(no_crf=no_crf, crf=with_crf, loss=float(np.mean(losses)) if losses else math.nan,
                       n_images=n_images, examples=examples)
 
 
-def _collect(results, pending: dict[int, Tensor], metrics, examples: dict, n_examples: int, device: torch.device,
-             bar: tqdm) -> None:
+def _collect(results, pending: dict[int, Tensor], scores: Scores, examples: dict, n_examples: int,
+             device: torch.device, bar: tqdm) -> None:
     for (index, kind), labels in results:
         bar.update()
-        target = pending[index]
-        pred = torch.from_numpy(labels).to(device)
-        (metrics[0] if kind == "cluster" else metrics[1]).update(pred, target)
+        getattr(scores, kind).update(torch.from_numpy(labels).to(device), pending[index])
         if index < n_examples:
             examples[(index, kind)] = labels
-        if kind == "cluster":  # submitted second: the image is done
+        if kind == "cluster":  # submitted last: the image is done
             del pending[index]
-
-
-def _scores(cluster: UnsupervisedMetrics, linear: UnsupervisedMetrics) -> Scores:
-    return Scores(cluster=cluster, linear=linear, values=get_metrics(cluster, linear))
 
 
 def _mapped(metric: UnsupervisedMetrics, clusters: np.ndarray) -> np.ndarray:
@@ -168,8 +176,8 @@ def _finite(values: dict[str, float]) -> dict[str, Optional[float]]:
     return {k: (None if math.isnan(v) else v) for k, v in values.items()}
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """Metrics as a text table: one row per setting ("before CRF", ...), one column per metric name."""
+def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """Metrics as a text table: one row per setting ("last.pth before CRF", ...), one column per metric name."""
     width = max(len(name) for name in rows) + 2
     lines = [" " * width + "".join(f"{m:>18s}" for m in METRIC_NAMES)]
     for name, values in rows.items():
@@ -196,58 +204,69 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
     return paths
 
 
-CKPT_FILE = "ckpt.pth"  # the file name the original eval.py loads from {output_dir}/{checkpoint}/
-
-
-def checkpoint_path(cfg: Config, override: Optional[str]) -> Path:
+def checkpoint_path(cfg: Optional[Config], override: Optional[str]) -> Path:
     """``--checkpoint`` (a file, or a folder holding ckpt.pth), else ``{output_dir}/{checkpoint}`` likewise."""
     if override:
         path = Path(override)
-    elif cfg.checkpoint:
+    elif cfg is not None and cfg.checkpoint:
         path = Path(cfg.output_dir) / cfg.checkpoint
     else:
-        raise ConfigError("no checkpoint to evaluate: set \"checkpoint\" in the option file (eval.py then loads "
-                          "{output_dir}/{checkpoint}/ckpt.pth) or pass --checkpoint FILE")
+        raise ConfigError("no checkpoint to evaluate: pass --checkpoint FILE, or set \"checkpoint\" in the option "
+                          "file (eval.py then loads {output_dir}/{checkpoint}/ckpt.pth)")
     return path / CKPT_FILE if path.is_dir() else path
 
 
-def evaluate_checkpoint(cfg: Config, path: Path, out_dir: Path, tracker: Tracker) -> dict[str, Path]:
-    """eval.py's work: the val split at 320 px, before and (with eval.is_crf) after CRF; report files written."""
-    device = resolve_device(cfg.device, cfg.gpu_ids)
-    precision = resolve_precision(cfg.precision, device)
+class Reports(NamedTuple):
+    metrics: dict[str, dict[str, dict[str, float]]]  # {name: {"no_crf": {metric: value}, "crf": {...}}}
+    files: list[Path]  # every file written
+
+
+def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mapping[str, Any]]], out_dir: Path,
+                        fabric: Fabric, precision: str, tracker: Tracker, step: int = 0) -> Reports:
+    """Evaluate loaded checkpoints on the validation split at 320 px, before and (``eval.is_crf``) after CRF.
+
+    ``checkpoints`` maps a name ("best", "last"; "" for eval.py's single file) to (path, checkpoint). For each,
+    ``{name}_eval_report.json``, its confusion matrix and (``eval.is_visualize``) its visualisation are written into
+    ``out_dir`` (without the prefix for the name ""), and its metrics and pictures go to wandb under
+    ``eval/{name or file stem}/``. One table of all of them is printed.
+    """
     val_set = build_dataset(cfg.dataset, "val")
     require_labels(val_set)
-    ckpt = load_checkpoint(path)
-    net, linear, cluster = networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes, str(path))
-    for module in (net, linear, cluster):
-        module.to(device)
-    loader = make_loader(val_set, cfg, device, batch_size=EVAL_BATCH_SIZE)
-    ev = evaluate(net, linear, cluster, loader, device, precision, cfg.eval, val_set.n_classes, crf=cfg.eval.is_crf,
-                  n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0)
+    n_classes = val_set.n_classes
+    loader = make_loader(val_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE)
     names, colors = class_names(cfg.dataset), color_map(cfg.dataset)
-    paths = save_report(ev, out_dir, names, colors, checkpoint=str(path))
-    rows = {"before CRF": ev.no_crf.values}
-    if ev.crf is not None:
-        rows["after CRF"] = ev.crf.values
-    print(f"{path}: {ev.n_images} images of {cfg.dataset.data_type} val")
+    results, rows, files = {}, {}, []
+    for name, (path, ckpt) in checkpoints.items():
+        net, linear, cluster = (fabric.setup_module(m) for m in
+                                networks_from_checkpoint(ckpt, cfg.model, n_classes, str(path)))
+        ev = evaluate(net, linear, cluster, loader, fabric.device, precision, cfg.eval, n_classes, crf=cfg.eval.is_crf,
+                      n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0, desc=f"evaluating {path.name}")
+        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "")
+        results[name] = ev.metrics()
+        files += paths.values()
+        rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
+        section = f"eval/{name or path.stem}"
+        tracker.log({f"{section}/{setting}/{k}": v for setting, values in results[name].items()
+                     for k, v in values.items()}, step=step)
+        tracker.log_images({f"{section}/{k}": v for k, v in paths.items() if k != "report"}, step=step)
+    print(f"{len(val_set)} images of {cfg.dataset.data_type} val, {cfg.dataset.data_path}")
     print(format_table(rows))
-    tracker.log({f"{k}{'' if name == 'before CRF' else '_crf'}": v for name, values in rows.items()
-                 for k, v in values.items()}, step=0)
-    tracker.log_images({k: v for k, v in paths.items() if k != "report"}, step=0)
-    return paths
+    return Reports(metrics=results, files=files)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker)."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
-def make_loader(dataset: Dataset, cfg: Config, device: torch.device, batch_size: int,
-                sampler: Optional[Sampler] = None, drop_last: bool = False) -> DataLoader:
-    """A data loader as training and evaluation use it: seeded, pinned on CUDA, persistent workers."""
-    workers = cfg.dataloader.num_workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(cfg.seed))
+def config_for_checkpoint(cfg: Optional[Config], ckpt: Mapping[str, Any], overrides: Sequence[Any],
+                          path: Path) -> Config:
+    """The options to evaluate ``ckpt`` with: the option file's (``cfg``), else the ones stored in the checkpoint
+    with ``overrides`` applied. With both, the keys that matter for evaluation and differ are named in a warning."""
+    saved = ckpt.get("config")
+    if cfg is None:
+        if saved is None:
+            raise ConfigError(f"{path} holds no options (a released checkpoint holds only weights): pass the option "
+                              f"file it was trained with, e.g. --opt json/server/cocostuff8_eval.json")
+        return config_from_dict(apply_overrides(saved, overrides), source=f"{path} (the options stored in it)")
+    if saved is not None:
+        differ = [k for k in config_differences(saved, config_to_dict(cfg)) if k.startswith(EVALUATION_SECTIONS)]
+        if differ:
+            log.warning("the options given (--opt and overrides) differ from those stored in %s in %s; evaluating "
+                        "with the options given (leave out --opt to start from the stored ones)", path, ", ".join(differ))
+    return cfg

@@ -6,7 +6,7 @@ State-dict names match the released PPAP checkpoints: the network's keys are ``m
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +66,8 @@ def _tokens_to_map(tokens: Tensor, h: int, w: int) -> Tensor:
 
 
 class ClusterOutput(NamedTuple):
-    loss: Tensor  # -(probs * inner).sum(1).mean()
-    probs: Tensor  # (B, K, h, w): one-hot assignment (alpha None) or softmax(alpha * inner)
+    loss: Tensor  # -(probs * inner).sum(1).mean(): minus the mean similarity to the assigned centroid
+    probs: Tensor  # (B, K, h, w): one-hot assignment to the most similar centroid
     inner: Tensor  # (B, K, h, w): cosine similarity to each centroid (or the code itself when direct)
 
 
@@ -78,15 +78,12 @@ class ClusterProbe(nn.Module):
         super().__init__()
         self.clusters = nn.Parameter(torch.randn(n_clusters, dim))
 
-    def forward(self, x: Tensor, alpha: Optional[float] = None, is_direct: bool = False) -> ClusterOutput:
+    def forward(self, x: Tensor, is_direct: bool = False) -> ClusterOutput:
         if is_direct:
             inner = x
         else:
             inner = torch.einsum("bchw,nc->bnhw", F.normalize(x, dim=1), F.normalize(self.clusters, dim=1))
-        if alpha is None:
-            probs = F.one_hot(inner.argmax(1), inner.shape[1]).permute(0, 3, 1, 2).to(inner.dtype)
-        else:
-            probs = F.softmax(inner * alpha, dim=1)
+        probs = F.one_hot(inner.argmax(1), inner.shape[1]).permute(0, 3, 1, 2).to(inner.dtype)
         return ClusterOutput(loss=-(probs * inner).sum(1).mean(), probs=probs, inner=inner)
 
 

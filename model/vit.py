@@ -73,7 +73,11 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """DINO's ViT without a classification head (DINO's ``num_classes=0``)."""
+    """DINO's ViT without a classification head (DINO's ``num_classes=0``).
+
+    It has no ``forward``: the PPAP network runs ``prepare_tokens`` and the blocks itself, because it needs the
+    output of the second-to-last block as well as the last one.
+    """
 
     def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = DEPTH, num_heads: int = 6,
                  img_size: int = PRETRAIN_IMG_SIZE) -> None:
@@ -126,15 +130,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return x + self.interpolate_pos_encoding(x.shape[1], height, width)
 
-    def forward(self, img: Tensor) -> Tensor:
-        """Normalised tokens of the last block, CLS first: (B, 1 + h*w, C)."""
-        x = self.prepare_tokens(img)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
 
+def vit(model_type: str, patch_size: int, depth: int = DEPTH) -> VisionTransformer:
+    """DINO's ``vit_tiny`` / ``vit_small`` / ``vit_base`` with the given patch size.
 
-def vit(model_type: str, patch_size: int) -> VisionTransformer:
-    """DINO's ``vit_tiny`` / ``vit_small`` / ``vit_base`` with the given patch size."""
+    ``depth`` is 12 for every released DINO model; tests build shallower ViTs where the depth does not matter.
+    """
     return VisionTransformer(patch_size=patch_size, embed_dim=BACKBONE_WIDTH[model_type],
-                             num_heads=NUM_HEADS[model_type])
+                             num_heads=NUM_HEADS[model_type], depth=depth)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from utils.checkpoint import read_torch_file
+from utils.files import read_torch_file
 from utils.config import BACKBONE_WIDTH, NONE_WEIGHTS
 from utils.errors import WeightsError
 

@@ -8,7 +8,7 @@ import torch
 from utils.cli import base_parser, config_from_args, run_main
 from utils.config import (Config, TrainingCoeff, apply_overrides, config_from_dict, config_to_dict,
                           load_config)
-from utils.device import resolve_device, resolve_precision
+from utils.device import resolve_device
 from utils.errors import ConfigError
 
 ORIGINAL = Path(__file__).parent / "data" / "original"
@@ -271,15 +271,6 @@ def test_user_error_becomes_one_line_and_status_2(capsys):
 def test_auto_device_is_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-
-
-def test_auto_precision_is_fp32_on_cpu():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-
-
-def test_half_precision_on_cpu_is_refused():
-    with pytest.raises(ConfigError, match="precision 'fp16' needs a CUDA device"):
-        resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_cuda_device_without_cuda_is_refused(monkeypatch):

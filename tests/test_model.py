@@ -300,15 +300,6 @@ def test_cluster_probe_assigns_one_hot_to_nearest_centroid():
     assert out.loss.item() == pytest.approx(-out.inner.max(1).values.mean().item())
 
 
-def test_cluster_probe_softmax_with_alpha():
-    torch.manual_seed(0)
-    probe = ClusterProbe(4, 3)
-    x = torch.randn(2, 4, 3, 3)
-    out = probe(x, alpha=2.0)
-    assert torch.allclose(out.probs, F.softmax(2.0 * out.inner, dim=1))
-    assert out.loss.item() == pytest.approx(-(out.probs * out.inner).sum(1).mean().item())
-
-
 def test_cluster_probe_direct_mode_uses_the_code_itself():
     x = torch.randn(1, 3, 2, 2)
     out = ClusterProbe(3, 3)(x, is_direct=True)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import run
-from engine.train import EpochSampler, probe_cross_entropy
+from dataset import EpochSampler
+from engine.checkpoint import RELEASED_KEYS, load_checkpoint
+from engine.train import probe_cross_entropy
 from loss import PPAPLoss
 from tests.conftest import ROOT, tiny_options
-from utils.checkpoint import RELEASED_KEYS, load_checkpoint, save_atomically
+from utils.files import save_atomically
 from utils.cli import run_main
 from utils.config import load_config
 

@@ -13,25 +13,32 @@ EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """``--opt FILE [--debug] [--test] [--checkpoint X] [--data_path DIR] [dotted.key=value ...]``."""
+def base_parser(description: str, opt_required: bool = True) -> argparse.ArgumentParser:
+    """The original's flags ``--opt FILE [--debug] [--test] [--checkpoint X] [--data_path DIR]``, then
+    ``[dotted.key=value ...]``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--opt", required=True, help="JSON option file")
+    parser.add_argument("--opt", required=opt_required, help="JSON option file")
     parser.add_argument("--debug", action="store_true", help="debug mode: wandb disabled")
-    parser.add_argument("--test", action="store_true", help="evaluate only, wandb disabled")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint override")
+    parser.add_argument("--test", action="store_true",
+                        help="test mode: evaluate only, never train, wandb disabled")
+    parser.add_argument("--checkpoint", default=None, help="the checkpoint to evaluate (eval.py)")
     parser.add_argument("--data_path", default=None, help="dataset.data_path override")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted option overrides, e.g. train.epoch=1 dataset.res=224")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The option file with the command line's overrides applied (``--data_path`` taken verbatim)."""
+def overrides_from_args(args: argparse.Namespace) -> list:
+    """The command line's dotted overrides, ``--data_path`` among them (taken verbatim, not parsed)."""
     overrides: list = list(args.overrides)
     if args.data_path is not None:
         overrides.append(("dataset.data_path", args.data_path))
-    return load_config(args.opt, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The option file with the command line's overrides applied."""
+    return load_config(args.opt, overrides_from_args(args))
 
 
 def one_line(err: BaseException) -> str:

@@ -1,7 +1,8 @@
-"""Checkpoint files: written atomically, read with torch's safe loader, checked for the released PPAP keys.
+"""Torch files on disk: written atomically, read with torch's safe loader.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so
-a kill at any moment leaves either the previous file or the new one, never a truncated file.
+Checkpoints and weight files go through these two functions. A file is written to a temporary file in the same
+folder, flushed to disk and renamed over the old one, so a kill at any moment leaves either the previous file or
+the new one, never a truncated file. What a PPAP checkpoint holds is engine/checkpoint.py's business.
 """
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from utils.errors import WeightsError
-
-RELEASED_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
 
 
 def save_atomically(obj: Any, path: str | Path) -> None:
@@ -61,13 +60,3 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f"cannot read {kind} {path}: {first_line}") from None
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
-    ckpt = read_torch_file(path, "checkpoint")
-    if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in RELEASED_KEYS):
-        found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise WeightsError(f"{path} is not a PPAP checkpoint: expected the keys {', '.join(RELEASED_KEYS)} "
-                           f"(found {found})")
-    return dict(ckpt)

@@ -1,0 +1,75 @@
+"""The run's record: for every train line and validation, a console line, a JSON line in log.jsonl and a wandb entry.
+
+``TRAIN_FIELDS`` is the one table of what a train line holds and what each quantity is called where: its key in
+log.jsonl (the name the code uses), its wandb name and its console format.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.evaluate import METRIC_NAMES, Evaluation, save_report
+from utils.tracking import Tracker
+
+
+class Field(NamedTuple):
+    key: str  # in log.jsonl and in the code
+    wandb: str  # the original's wandb name, so that dashboards made for it keep working
+    console: Optional[str]  # format of its part of the console line; None: not shown there
+    label: str  # how messages name it
+
+
+TRAIN_FIELDS = (
+    Field("epoch", "epoch", None, "epoch"),
+    Field("iter", "iters", "iter {:6d}", "iteration"),
+    Field("loss", "train_loss", "loss {:8.4f}", "total"),
+    Field("ppap", "supcon_loss", "ppap {:8.4f}", "PPAP"),
+    Field("linear", "linear_loss", "linear {:6.3f}", "linear probe"),
+    Field("cluster", "cluster_loss", "cluster {:7.4f}", "cluster probe"),
+    Field("num_pos", "num_positives", "pos {:7.1f}", "positives per anchor"),
+    Field("num_neg", "num_negatives", "neg {:8.1f}", "confident negatives per anchor"),
+    Field("lr", "net_lr", "lr {:.1e}", "network learning rate"),
+    Field("grad_norm", "grad_norm", "grad {:7.3f}", "network gradient norm before clipping"),
+    Field("param_norm", "param_norm", None, "norm of the trained network parameters"),
+    Field("images_per_s", "images_per_s", "{:6.1f} img/s", "images per second"),
+)
+LABELS = {f.key: f.label for f in TRAIN_FIELDS}
+
+
+class Journal:
+    """Writes the run's events to the console, ``log.jsonl`` (appended to on resume) and wandb."""
+
+    def __init__(self, path: Path, tracker: Tracker) -> None:
+        self.file = path.open("a", encoding="utf-8")
+        self.tracker = tracker
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def train_line(self, stats: Mapping[str, float]) -> None:
+        """``stats``: a value for every key of ``TRAIN_FIELDS``."""
+        tqdm.write(" | ".join(f.console.format(stats[f.key]) for f in TRAIN_FIELDS if f.console), file=sys.stdout)
+        self._write({"type": "train", **{f.key: stats[f.key] for f in TRAIN_FIELDS}})
+        self.tracker.log({f.wandb: stats[f.key] for f in TRAIN_FIELDS}, step=int(stats["iter"]))
+
+    def validation(self, epoch: int, iteration: int, ev: Evaluation, improved: bool, run_dir: Path,
+                   names: list[str], colors: np.ndarray) -> None:
+        metrics = ev.no_crf.values
+        tqdm.write(f"[VAL] iter {iteration:6d} | " + " | ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES)
+                   + (" | new best" if improved else ""), file=sys.stdout)
+        self._write({"type": "val", "epoch": epoch, "iter": iteration, **metrics, "valid_loss": ev.loss,
+                     "best": improved})
+        self.tracker.log({**metrics, "iters": iteration, "valid_loss": ev.loss}, step=iteration)
+        if self.tracker.run is not None:
+            paths = save_report(ev, run_dir / "val", names, colors, checkpoint="(training)")
+            self.tracker.log_images({"val_segmentation": paths["visualization"],
+                                     "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)
+
+    def close(self) -> None:
+        self.file.close()
