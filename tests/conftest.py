@@ -1,4 +1,6 @@
-"""Shared fixtures of the end-to-end tests: a tiny labelled image folder and the shipped demo options shrunk to it."""
+"""Shared fixtures of the end-to-end tests: a tiny labelled image folder, the shipped demo options shrunk to it, and
+ViTs of two blocks where the depth does not matter."""
+import functools
 import json
 from pathlib import Path
 
@@ -6,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import model.ppap
+from model.vit import vit
+
 ROOT = Path(__file__).resolve().parents[1]
+SHALLOW_DEPTH = 2  # blocks of the ViTs the end-to-end tests build: the second-to-last and the last one
 DEMO_OPTIONS = ROOT / "json" / "demo.json"
 TINY_COLORS = np.array([(200, 60, 40), (50, 180, 60), (60, 80, 200)], np.float32)  # one per class
 
@@ -54,3 +60,12 @@ def tiny_options(folder: Path, data_path: Path, **sections) -> Path:
     path = folder / "options.json"
     path.write_text(json.dumps(options))
     return path
+
+
+@pytest.fixture(scope="module")
+def shallow_vit():
+    """Every PPAP network built while the fixture is active has a ViT of two blocks (released DINO ViTs have 12);
+    a module of end-to-end tests uses it with ``pytestmark = pytest.mark.usefixtures("shallow_vit")``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.ppap, "vit", functools.partial(vit, depth=SHALLOW_DEPTH))
+        yield

@@ -13,7 +13,9 @@ from engine.evaluate import evaluate
 from model import build_model
 from tests.conftest import tiny_options
 from utils.cli import run_main
-from utils.config import load_config
+from utils.config import config_to_dict, load_config
+
+pytestmark = pytest.mark.usefixtures("shallow_vit")
 
 eval_script = importlib.import_module("eval")
 METRICS = {"Cluster_mIoU", "Cluster_Accuracy", "Linear_mIoU", "Linear_Accuracy"}
@@ -134,3 +136,50 @@ def test_predictions_are_the_argmax_of_probes_on_the_upsampled_code(released):
             valid = item["label"] >= 0
             np.add.at(confusion, (pred[valid].numpy(), item["label"][valid].numpy()), 1)
     assert ev.no_crf.values["Linear_Accuracy"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())
+
+
+@pytest.fixture(scope="module")
+def ours(released, tmp_path_factory):
+    """A checkpoint that carries its options (as run.py writes them) beside the released one's weights."""
+    options, released_path = released
+    cfg = load_config(options)
+    path = tmp_path_factory.mktemp("ours") / "last.pth"
+    torch.save({**torch.load(released_path, weights_only=True), "config": config_to_dict(cfg)}, path)
+    return path
+
+
+def test_checkpoint_with_its_options_needs_no_option_file(ours, report):
+    assert run_main(eval_script.main, ["--checkpoint", str(ours), "--debug"]) == 0
+    written = json.loads((ours.parent / "eval_report.json").read_text())
+    assert written["n_images"] == 4
+    assert written["no_crf"] == report["no_crf"] and written["crf"] == report["crf"]
+
+
+def test_overrides_apply_to_the_options_stored_in_a_checkpoint(ours, tmp_path):
+    assert run_main(eval_script.main, ["--checkpoint", str(ours), "--debug", "--out", str(tmp_path),
+                                       "eval.is_crf=false"]) == 0
+    assert "crf" not in json.loads((tmp_path / "eval_report.json").read_text())
+
+
+def test_data_path_flag_applies_to_the_options_stored_in_a_checkpoint(ours, capsys):
+    assert run_main(eval_script.main, ["--checkpoint", str(ours), "--debug", "--data_path", "/nowhere/else"]) == 2
+    assert "/nowhere/else" in capsys.readouterr().err
+
+
+def test_released_checkpoint_without_option_file_asks_for_one(released, capsys):
+    _, path = released
+    assert run_main(eval_script.main, ["--checkpoint", str(path), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no options" in err and "--opt" in err
+
+
+def test_option_file_that_differs_from_the_stored_options_is_named(ours, released, tmp_path, caplog):
+    options, _ = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--checkpoint", str(ours), "--debug", "--out",
+                                       str(tmp_path), "eval.is_crf=false", "dataset.res=32"]) == 0
+    assert f"differ from those stored in {ours} in dataset.res, eval.is_crf;" in caplog.text
+
+
+def test_no_checkpoint_and_no_option_file_is_one_clear_error(capsys):
+    assert run_main(eval_script.main, ["--debug"]) == 2
+    assert "pass --checkpoint FILE" in capsys.readouterr().err

@@ -8,12 +8,14 @@ import torch
 import run
 from dataset import EpochSampler
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
-from engine.train import probe_cross_entropy
+from engine.train import Progress, probe_cross_entropy
 from loss import PPAPLoss
 from tests.conftest import ROOT, tiny_options
-from utils.files import save_atomically
 from utils.cli import run_main
 from utils.config import load_config
+from utils.files import save_atomically
+
+pytestmark = pytest.mark.usefixtures("shallow_vit")
 
 RELEASED = set(RELEASED_KEYS) | {"net_optimizer_state_dict", "linear_optimizer_state_dict",
                                  "cluster_optimizer_state_dict", "epoch", "iter", "best_epoch", "best_iter", "best"}
@@ -38,6 +40,9 @@ def trained(tiny_data, tmp_path_factory):
 
 
 def test_run_writes_checkpoints_with_the_released_keys(trained):
+    blocks = {k.split(".")[2] for k in load_checkpoint(trained / "last.pth")["net_model_state_dict"]
+              if k.startswith("model.blocks.")}
+    assert blocks == {"0", "1"}  # the shallow test ViT
     for name in ("best.pth", "last.pth"):
         ckpt = load_checkpoint(trained / name)
         assert RELEASED <= set(ckpt)
@@ -201,3 +206,34 @@ def test_probe_loss_ignores_unlabelled_pixels():
     expected = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, 3)[[0, 2]], torch.tensor([0, 2]))
     assert probe_cross_entropy(logits, label, 3).item() == pytest.approx(expected.item())
     assert probe_cross_entropy(logits, torch.full((1, 2, 2), -1), 3).item() == 0.0
+
+
+def test_progress_round_trips_through_its_state_dict():
+    progress = Progress(epoch=3, batch_in_epoch=7, iteration=52, best=201.5, best_epoch=2, best_iter=40)
+    restored = Progress()
+    restored.load_state_dict(progress.state_dict())
+    assert restored == progress
+    assert {"epoch", "iter", "best", "best_epoch", "best_iter"} <= set(progress.state_dict())  # released names
+
+
+def test_test_flag_evaluates_the_runs_checkpoints_again(trained, capsys):
+    final = json.loads((trained / "final_metrics.json").read_text())
+    (trained / "final_metrics.json").unlink()
+    assert train(trained.parent.parent / "options.json", "--test") == 0
+    assert json.loads((trained / "final_metrics.json").read_text()) == final
+    assert "best.pth after CRF" in capsys.readouterr().out
+
+
+def test_run_py_refuses_the_checkpoint_flag_it_would_ignore(tiny_data, tmp_path, capsys):
+    assert train(tiny_options(tmp_path, tiny_data), "--checkpoint", "x.pth") == 2
+    assert "run.py does not read --checkpoint" in capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_without_training_state_is_refused(trained, tmp_path, capsys):
+    run_dir = tmp_path / "output" / "tiny"
+    run_dir.mkdir(parents=True)
+    weights_only = {k: v for k, v in load_checkpoint(trained / "last.pth").items() if k in RELEASED}
+    torch.save(weights_only, run_dir / "last.pth")
+    options = trained.parent.parent / "options.json"
+    assert train(options, "--resume", f"output_dir={tmp_path / 'output'}") == 2
+    assert "holds no training state" in capsys.readouterr().err
