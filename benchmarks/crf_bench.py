@@ -9,6 +9,7 @@ k times the serial rate.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="pool processes (default: usable cores)")
     parser.add_argument("--size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--classes", type=int, default=N_CLASSES)
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
     workers = resolve_workers(args.workers)
     if workers < 1:
@@ -62,6 +64,9 @@ def main() -> int:
 
     identical = all(np.array_equal(a, b) for a, b in zip(serial, pooled))
     print(f"identical results : {'yes' if identical else 'NO'}")
+    if args.json:
+        print(json.dumps({"serial_images_per_s": args.images / serial_s, "pool_images_per_s": args.images / pool_s,
+                          "workers": workers, "identical": identical}))
     return 0 if identical else 1
 
 

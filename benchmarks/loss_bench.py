@@ -2,7 +2,14 @@
 
 The straightforward version follows the original code block by block: it averages the positives by
 materialising an (anchors x N x C) tensor and keeps the whole (anchors x N) logits graph for autograd. Both run
-on the same inputs and anchors in the same process run, and their losses are compared.
+on the same inputs and anchors in the same run, and their losses are compared.
+
+Each measurement runs in a fresh process of its own. Time: the median of ``--repeats`` forward + backward passes
+after one warm-up. Peak memory: on CUDA, torch's peak allocated bytes; on the CPU, the growth of the resident set
+during one forward + backward (after one on a batch of 1, which initialises the libraries), in a process whose
+allocator (glibc, ``MALLOC_MMAP_THRESHOLD_``) hands every block
+of 64 KiB or more back to the system when it is freed, so that the resident set follows the live tensors instead
+of the allocator's cache.
 
     python benchmarks/loss_bench.py                      # official geometry: batch 64, 28x28 patches, 384 channels
     python benchmarks/loss_bench.py --batch 8 --device cpu
@@ -25,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from loss import PPAPLoss  # noqa: E402
 from utils.config import TrainingCoeff  # noqa: E402
 
+MMAP_THRESHOLD = 1 << 16  # bytes: blocks this large are mapped and unmapped one by one (CPU memory measurement)
 PAPER_COEFF = TrainingCoeff(initialcrit_pos=0.55, initialcrit_amb=0.2, prop_iter=2, tau=0.8, sigma_pos=3, sigma_amb=3)
 
 
@@ -95,27 +103,46 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def measure(which: str, batch: int, side: int, channels: int, device: torch.device, repeats: int) -> dict:
-    """One implementation, in this process: median seconds of forward + backward, peak extra memory, loss."""
+def measure(which: str, mode: str, batch: int, side: int, channels: int, device: torch.device, repeats: int) -> dict:
+    """One implementation in this process: ``mode`` "time" (median seconds of forward + backward, after a warm-up)
+    or "memory" (peak extra bytes of one forward + backward); and the loss."""
     z0, feats, anchors = inputs(batch, side, channels, device)
     ours = PPAPLoss(PAPER_COEFF)
-    times, loss = [], None
-    for _ in range(repeats + 1):  # the first run warms up
+    if mode == "memory":  # initialise the libraries (thread pools, kernels) on a small input first
+        small_z, small_feats, small_anchors = inputs(1, side, channels, device)
+        run_loss(which, ours, small_z.requires_grad_(), small_feats, small_anchors)
+    result = {}
+    times = []
+    for _ in range(repeats + 1 if mode == "time" else 1):
         z = z0.clone().requires_grad_()
         base = peak_bytes_reset(device)
         start = time.perf_counter()
-        if which == "ours":
-            value = ours(z, feats, anchors).loss
-        else:
-            value = straightforward_loss(z, feats, anchors, PAPER_COEFF)
-        value.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        value = run_loss(which, ours, z, feats, anchors)
         times.append(time.perf_counter() - start)
-        peak = peak_bytes(device) - base
-        loss = value.item()
-    times = sorted(times[1:])
-    return {"seconds": times[len(times) // 2], "peak_bytes": peak, "loss": loss}
+        result["peak_bytes"] = peak_bytes(device) - base
+        result["loss"] = value.item()
+    if mode == "time":
+        result["seconds"] = sorted(times[1:])[len(times[1:]) // 2]
+    return result
+
+
+def run_loss(which: str, ours: PPAPLoss, z, feats, anchors):
+    """One forward + backward of either implementation; the loss."""
+    value = ours(z, feats, anchors).loss if which == "ours" else straightforward_loss(z, feats, anchors, PAPER_COEFF)
+    value.backward()
+    if z.device.type == "cuda":
+        torch.cuda.synchronize(z.device)
+    return value
+
+
+def run_child(which: str, mode: str, args: argparse.Namespace) -> dict:
+    env = os.environ.copy()
+    if mode == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    cmd = [sys.executable, __file__, "--only", which, mode, "--batch", str(args.batch), "--side", str(args.side),
+           "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -125,24 +152,23 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["ours", "straightforward"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--only", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.only:  # child process: one implementation, so peak memory is its own
-        print(json.dumps(measure(args.only, args.batch, args.side, args.channels, device, args.repeats)))
+    if args.only:  # child process: one implementation, one kind of measurement
+        print(json.dumps(measure(*args.only, args.batch, args.side, args.channels, device, args.repeats)))
         return
-    results = {}
-    for which in ("straightforward", "ours"):
-        cmd = [sys.executable, __file__, "--only", which, "--batch", str(args.batch), "--side", str(args.side),
-               "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {which: {**run_child(which, "time", args), "peak_bytes": run_child(which, "memory", args)["peak_bytes"]}
+               for which in ("straightforward", "ours")}
     n = args.batch * args.side * args.side
     print(f"PPAP loss forward+backward, N={n} rows ({args.batch} x {args.side}x{args.side}), C={args.channels}, "
           f"device={device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for which, r in results.items():
         print(f"  {which:16s} {r['seconds'] * 1000:9.1f} ms   peak +{r['peak_bytes'] / 2**20:8.1f} MiB   loss {r['loss']:.6f}")
     slow, fast = results["straightforward"], results["ours"]
+    if args.json:
+        print(json.dumps(results))
     print(f"  speed-up {slow['seconds'] / fast['seconds']:.2f}x, peak memory ratio "
           f"{slow['peak_bytes'] / max(fast['peak_bytes'], 1):.2f}x, "
           f"relative loss difference {abs(slow['loss'] - fast['loss']) / abs(slow['loss']):.1e}")

@@ -11,6 +11,7 @@ speed does not depend on them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,10 +76,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
     device = torch.device(args.device)
     ours = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
     plain = images_per_second(StraightforwardPPAP(), args, device)
+    if args.json:
+        print(json.dumps({"straightforward_images_per_s": plain, "ours_images_per_s": ours}))
     print(f"training step, {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, device={device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"  straightforward loss {plain:8.2f} images/s")

@@ -268,5 +268,6 @@ def config_for_checkpoint(cfg: Optional[Config], ckpt: Mapping[str, Any], overri
         differ = [k for k in config_differences(saved, config_to_dict(cfg)) if k.startswith(EVALUATION_SECTIONS)]
         if differ:
             log.warning("the options given (--opt and overrides) differ from those stored in %s in %s; evaluating "
-                        "with the options given (leave out --opt to start from the stored ones)", path, ", ".join(differ))
+                        "with the options given (leave out --opt to start from the stored ones)", path,
+                        ", ".join(differ))
     return cfg

@@ -302,7 +302,7 @@ def validate_and_save(run: Run, journal: Journal) -> None:
                       run.cfg.eval, run.n_classes, n_examples=VAL_EXAMPLES if journal.tracker.run is not None else 0,
                       desc="validation")
         score = sum(ev.no_crf.values[m] for m in METRIC_NAMES)  # the original's model-selection criterion
-        improved = score >= progress.best  # on a tie the later checkpoint wins, as in the original
+        improved = score >= progress.best  # a tie keeps the later weights: best.pth is chosen as the original chose it
         if improved:
             progress.best, progress.best_epoch, progress.best_iter = score, progress.epoch, progress.iteration
             _save(run, run.run_dir / BEST, journal.tracker)

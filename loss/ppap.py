@@ -75,11 +75,11 @@ def mine(feats: Tensor, anchor_rows: Tensor, coeff: TrainingCoeff, chunk_element
         previous = anchor
         for _ in range(coeff.prop_iter):
             proxy = F.normalize(c_pos.to(feats.dtype) @ feats, dim=1)  # mean of the positives, renormalised
-            s = proxy @ feats.T
+            torch.matmul(proxy, feats.T, out=s)  # the similarities to the new proxy, in the same buffer
             moved = 1.0 - F.cosine_similarity(previous, proxy, dim=1)
             c_psi = c_psi + moved / coeff.sigma_amb
             c_phi = c_phi - moved / coeff.sigma_pos
-            c_pos = s > c_phi[:, None]
+            torch.gt(s, c_phi[:, None], out=c_pos)
             previous = proxy
         c_neg = s < c_psi[:, None]
         own = (torch.arange(anchor.shape[0], device=feats.device), anchor_rows[sl])
@@ -97,36 +97,40 @@ def _chunks(anchor_rows: Tensor, n: int, chunk_elements: int) -> list[range]:
 class _MeanPositiveLogProb(torch.autograd.Function):
     """Per anchor: mean over positives of ``l - logsumexp(l over positives and negatives)``, ``l = z_a . z / tau``.
 
-    Only ``z`` receives a gradient. The (anchors x N) logits are never kept: backward recomputes them per chunk.
+    Only ``z`` receives a gradient. The (anchors x N) logits are never kept: backward recomputes them per chunk,
+    and both passes work in place, so that a chunk needs about two (anchors x N) buffers at a time.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, anchor_rows: Tensor, pos: Tensor, neg: Tensor, tau: float, chunk_elements: int) -> Tensor:
         out = z.new_empty(anchor_rows.shape[0])
+        lse = z.new_empty(anchor_rows.shape[0])
         for rows in _chunks(anchor_rows, z.shape[0], chunk_elements):
             sl = slice(rows.start, rows.stop)
-            logits = (z[anchor_rows[sl]] @ z.T) / tau
-            lse = logits.masked_fill(~(pos[sl] | neg[sl]), float("-inf")).logsumexp(dim=1)
-            p = pos[sl].to(z.dtype)
-            out[sl] = (logits * p).sum(1) / p.sum(1) - lse
-        ctx.save_for_backward(z, anchor_rows, pos, neg)
+            logits = z[anchor_rows[sl]] @ z.T
+            logits.div_(tau)
+            mean_pos = (logits * pos[sl]).sum(1) / pos[sl].sum(1)
+            logits.masked_fill_(~(pos[sl] | neg[sl]), float("-inf"))  # only positives and negatives are counted
+            lse[sl] = logits.logsumexp(dim=1)
+            out[sl] = mean_pos - lse[sl]
+        ctx.save_for_backward(z, anchor_rows, pos, neg, lse)
         ctx.tau, ctx.chunk_elements = tau, chunk_elements
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        z, anchor_rows, pos, neg = ctx.saved_tensors
+        z, anchor_rows, pos, neg, lse = ctx.saved_tensors
         grad_z = torch.zeros_like(z)
         for rows in _chunks(anchor_rows, z.shape[0], ctx.chunk_elements):
             sl = slice(rows.start, rows.stop)
             anchors = z[anchor_rows[sl]]
-            logits = (anchors @ z.T) / ctx.tau
-            softmax = logits.masked_fill(~(pos[sl] | neg[sl]), float("-inf")).softmax(dim=1)
-            p = pos[sl].to(z.dtype)
-            # d out / d logits = positives / count - softmax over the denominator; d logits / d(z_a . z_j) = 1 / tau
-            g = grad_out[sl, None] * (p / p.sum(1, keepdim=True) - softmax) / ctx.tau
-            grad_z += g.T @ anchors
+            g = anchors @ z.T
+            g.div_(ctx.tau).masked_fill_(~(pos[sl] | neg[sl]), float("-inf"))
+            g.sub_(lse[sl, None]).exp_().neg_()  # minus the softmax over the denominator
+            # d out / d logits = positives / their count - softmax; d logits / d(z_a . z_j) = 1 / tau
+            g.addcmul_(pos[sl], 1.0 / pos[sl].sum(1, keepdim=True)).mul_(grad_out[sl, None] / ctx.tau)
+            grad_z.addmm_(g.T, anchors)
             grad_z.index_add_(0, anchor_rows[sl], g @ z)
         return grad_z, None, None, None, None, None
 

@@ -16,7 +16,7 @@ from model.vit import VisionTransformer, vit
 from model.weights import load_backbone_weights
 from utils.config import ModelConfig
 
-FEATS_DROPOUT = 0.1  # Dropout2d on the frozen features, as the original DinoFeaturizer
+FEATS_DROPOUT = 0.1  # Dropout2d on the frozen features: the released models were trained with it
 
 
 class NetOutput(NamedTuple):
@@ -88,7 +88,7 @@ class ClusterProbe(nn.Module):
 
 
 def build_model(cfg: ModelConfig, n_classes: int, load_backbone: bool = True) -> tuple[PPAPNet, nn.Conv2d, ClusterProbe]:
-    """``(net, linear_probe, cluster_probe)`` as the original's build_model.
+    """``(net, linear_probe, cluster_probe)``: the three parts that are trained, checkpointed and evaluated.
 
     The backbone weights come from ``cfg.pretrained.pretrained_weights``; ``load_backbone=False`` skips that
     for callers that load a whole PPAP checkpoint next (evaluation), so nothing is downloaded.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import model.ppap
@@ -15,6 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SHALLOW_DEPTH = 2  # blocks of the ViTs the end-to-end tests build: the second-to-last and the last one
 DEMO_OPTIONS = ROOT / "json" / "demo.json"
 TINY_COLORS = np.array([(200, 60, 40), (50, 180, 60), (60, 80, 200)], np.float32)  # one per class
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that take one (cpu or cuda); benchmarks/gpu_check.py passes cuda")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # python -m pytest -m device selects the tests that take a device
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker("device")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device given with --device (default cpu)."""
+    return torch.device(request.config.getoption("--device"))
 
 
 @pytest.fixture(scope="session")

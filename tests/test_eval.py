@@ -119,14 +119,15 @@ def test_unlabelled_validation_set_is_refused(tiny_data, tmp_path, released, cap
     assert status == 2 and "label" in capsys.readouterr().err
 
 
-def test_predictions_are_the_argmax_of_probes_on_the_upsampled_code(released):
+def test_predictions_are_the_argmax_of_probes_on_the_upsampled_code(released, device):
     options, path = released
     cfg = load_config(options)
     val = build_dataset(cfg.dataset, "val")
     net, linear, cluster = build_model(cfg.model, 3)
     torch.manual_seed(1)
     loader = DataLoader(val, batch_size=3)
-    ev = evaluate(net, linear, cluster, loader, torch.device("cpu"), "fp32", cfg.eval, 3)
+    ev = evaluate(*(m.to(device) for m in (net, linear, cluster)), loader, device, "fp32", cfg.eval, 3)
+    net, linear = net.cpu(), linear.cpu()
     confusion = np.zeros((3, 3), np.int64)  # linear prediction x true class, computed directly
     net.eval()
     with torch.no_grad():
@@ -135,7 +136,8 @@ def test_predictions_are_the_argmax_of_probes_on_the_upsampled_code(released):
             pred = linear(code).argmax(1)[0]
             valid = item["label"] >= 0
             np.add.at(confusion, (pred[valid].numpy(), item["label"][valid].numpy()), 1)
-    assert ev.no_crf.values["Linear_Accuracy"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())
+    # on a GPU, kernels round differently: a few of the 409,600 pixels may flip, 0.01 points is 41 pixels
+    assert ev.no_crf.values["Linear_Accuracy"] == pytest.approx(100 * np.trace(confusion) / confusion.sum(), abs=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ def clustered(n: int, dim: int, clusters: int, noise: float, seed: int, dtype=to
     return centres[labels] + noise * torch.randn(n, dim, generator=g, dtype=dtype)
 
 
-def unit_z(n: int, dim: int, seed: int) -> torch.Tensor:
+def unit_z(n: int, dim: int, seed: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    return F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(device).requires_grad_()
 
 
 def test_identical_features_make_every_other_row_positive_and_none_negative():
@@ -86,25 +86,25 @@ def test_anchor_without_positive_is_skipped():
 
 
 @pytest.mark.parametrize("prop_iter", [0, 1, 3])
-def test_matches_direct_loop_reference_on_clustered_data(prop_iter):
+def test_matches_direct_loop_reference_on_clustered_data(prop_iter, device):
     n, split = 2 * 24 + 5, 24  # two blocks and five rows that are candidates only
-    feats = clustered(n, 6, clusters=4, noise=0.35, seed=prop_iter)
+    feats = clustered(n, 6, clusters=4, noise=0.35, seed=prop_iter).to(device)
     coeff = TrainingCoeff(initialcrit_pos=0.6, initialcrit_amb=0.1, prop_iter=prop_iter, tau=0.3,
                           sigma_pos=2.0, sigma_amb=3.0, split=split, trainpatchsplit=4)
     anchors = PPAPLoss(coeff).draw_anchors(n, torch.Generator().manual_seed(7))
-    z = unit_z(n, 5, seed=11)
+    z = unit_z(n, 5, seed=11, device=device)
     result = PPAPLoss(coeff)(z, feats, anchors)
     expected, pos, neg = reference_loss(z, feats, anchors, coeff)
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert (result.num_pos.item(), result.num_neg.item()) == pytest.approx((pos, neg), rel=1e-6)
 
 
-def test_gradient_matches_direct_loop_reference():
+def test_gradient_matches_direct_loop_reference(device):
     n, split = 40, 20
-    feats = clustered(n, 6, clusters=3, noise=0.3, seed=3)
+    feats = clustered(n, 6, clusters=3, noise=0.3, seed=3).to(device)
     coeff = TrainingCoeff(initialcrit_pos=0.5, initialcrit_amb=0.0, prop_iter=2, tau=0.2, split=split, trainpatchsplit=5)
     anchors = PPAPLoss(coeff).draw_anchors(n, torch.Generator().manual_seed(1))
-    z = unit_z(n, 5, seed=4)
+    z = unit_z(n, 5, seed=4, device=device)
     PPAPLoss(coeff)(z, feats, anchors).loss.backward()
     ours = z.grad.clone()
     z.grad = None
@@ -188,15 +188,16 @@ def test_feature_map_input_is_flattened_in_image_row_col_order():
     assert from_map.item() == from_rows.item()
 
 
-def test_half_precision_inputs_accumulate_in_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_fp32(dtype, device):
     n = 32
-    z = F.normalize(torch.randn(n, 8), dim=1).to(torch.bfloat16).requires_grad_()
-    feats = torch.randn(n, 8).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    z = F.normalize(torch.randn(n, 8), dim=1).to(device, dtype).requires_grad_()
+    feats = torch.randn(n, 8).to(device, dtype)
+    with torch.autocast(device.type, dtype=dtype):
         result = PPAPLoss(TrainingCoeff(split=16, trainpatchsplit=4))(z, feats)
     assert result.loss.dtype == torch.float32
     result.loss.backward()
-    assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad).all()
+    assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()
 
 
 def test_wrong_anchor_shape_is_refused():

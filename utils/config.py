@@ -54,7 +54,7 @@ class WandbConfig:
     mode: str = "online"  # online | offline | disabled; --debug and --test force disabled
     id: Optional[str] = None  # resume this wandb run id (read by the original's set_wandb)
     notes: Optional[str] = None
-    tags: Optional[tuple[str, ...]] = None  # default: [dataset.data_type], as the original
+    tags: Optional[tuple[str, ...]] = None  # default: [dataset.data_type], so wandb groups runs by dataset
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", ("online", "offline", "disabled"))
@@ -174,7 +174,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "adam"  # adam | adamw (network); adam (probes), as the original
+    name: str = "adam"  # adam | adamw for the network; the probes take adam, the only one the original gave them
     lr: float = 1e-3
     weight_decay: float = 0.0  # used by adamw only
 
@@ -226,7 +226,7 @@ class EvalConfig:
     is_direct: bool = False  # the cluster probe takes the code itself as its inner products
     is_diff: bool = False  # read by the original, unused
     crf_workers: Optional[int] = None  # ours: CRF processes; null = usable cores, 0 = serial in-process
-    legacy_extra_cluster_mask: bool = False  # ours: mask predictions >= n_classes out, as the original
+    legacy_extra_cluster_mask: bool = False  # ours: drop predictions >= n_classes, to reproduce the original's numbers
 
     def __post_init__(self) -> None:
         _require(self.extra_clusters >= 0, "extra_clusters", f"must be >= 0 (got {self.extra_clusters})")

@@ -46,7 +46,7 @@ CM_CELL_INCHES = 0.25  # one confusion-matrix cell
 CM_LABEL_INCHES = 2.0  # room for the class names left of and above the matrix
 CM_PAD_INCHES = 0.5  # right (colour bar) and bottom margin
 CM_FONT_SIZE = 7
-CM_COLORMAP = "Blues"  # as the original's seaborn heatmap
+CM_COLORMAP = "Blues"  # the original's seaborn heatmap colours, so that the two plots compare side by side
 
 
 class UnsupervisedMetrics(Metric):
@@ -176,7 +176,7 @@ def _nanmean(values: Tensor) -> float:
 
 
 def get_metrics(cluster_metric: UnsupervisedMetrics, linear_metric: UnsupervisedMetrics) -> dict[str, float]:
-    """Both metrics' compute() results in one dict, as the original's get_metrics."""
+    """Both metrics' compute() results in one dict, under the names the original printed (logs keep them)."""
     return {**cluster_metric.compute(), **linear_metric.compute()}
 
 

@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """``wandb.init`` as the original's set_wandb (resume allowed, tags default to the data type)."""
+    """``wandb.init`` with the original's settings (resume allowed, tags default to the data type), so that runs
+    land in a wandb project next to the original's."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: Mapping[str, Any], default_tag: str,
                  disabled: bool = False, run_id: Optional[str] = None) -> None:
