@@ -191,8 +191,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
     net, linear, cluster = (fabric.setup_module(m) for m in build_model(cfg.model, val_set.n_classes))
     run = Run(cfg=cfg, run_dir=run_dir, fabric=fabric, precision=precision, scaler=grad_scaler(device, precision),
               net=net, linear=linear, cluster=cluster, optimizers=build_optimizers(cfg.optimizer, net, linear, cluster),
-              loss_fn=PPAPLoss(cfg.training_coeff),
-              sampler=sampler, train_loader=make_loader(train_set, cfg.dataloader, cfg.seed, device, sampler=sampler),
+              loss_fn=PPAPLoss(cfg.training_coeff), sampler=sampler,
+              train_loader=make_loader(train_set, cfg.dataloader, cfg.seed, device, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE),
               n_classes=val_set.n_classes, validate=val_set.has_labels)
     if ckpt is not None:

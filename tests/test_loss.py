@@ -16,7 +16,7 @@ def clustered(n: int, dim: int, clusters: int, noise: float, seed: int, dtype=to
     return centres[labels] + noise * torch.randn(n, dim, generator=g, dtype=dtype)
 
 
-def unit_z(n: int, dim: int, seed: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def unit_z(n: int, dim: int, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(device).requires_grad_()
 
