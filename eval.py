@@ -15,15 +15,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engine.checkpoint import load_checkpoint
-from engine.evaluate import checkpoint_path, config_for_checkpoint, evaluate_and_report
-from utils.cli import base_parser, config_from_args, overrides_from_args, run_main
+from utils.cli import base_parser, config_from_args, overrides_from_args, run_main, sets_on_command_line
 from utils.config import config_to_dict
-from utils.device import make_fabric, resolve_device, resolve_precision
-from utils.tracking import Tracker
+from utils.errors import ConfigError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
+    from engine.checkpoint import load_checkpoint
+    from engine.evaluate import checkpoint_path, config_for_checkpoint, evaluate_and_report
+    from utils.device import make_fabric, resolve_device, resolve_precision
+    from utils.tracking import Tracker, require_credentials, wandb_mode
+
     parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.",
                          opt_required=False)
     parser.add_argument("--out", default=None, help="folder for the report (default: the checkpoint's folder)")
@@ -33,11 +36,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = load_checkpoint(path)
     cfg = config_for_checkpoint(cfg, ckpt, overrides_from_args(args), path)
     out_dir = Path(args.out) if args.out else path.parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder for the report")
     out_dir.mkdir(parents=True, exist_ok=True)
+    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test,
+                      from_command_line=sets_on_command_line(args, "wandb.mode"))
+    require_credentials(mode)
     device = resolve_device(cfg.device, cfg.gpu_ids)
     fabric, precision = make_fabric(device), resolve_precision(cfg.precision, device)
-    tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
-                      disabled=args.debug or args.test)
+    tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode)
     try:
         reports = evaluate_and_report(cfg, {"": (path, ckpt)}, out_dir, fabric, precision, tracker)
     finally:

@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engine.train import LAST, TrainingDiverged, evaluate_run, train
-from utils.cli import base_parser, config_from_args, run_main
+from utils.cli import base_parser, config_from_args, run_main, sets_on_command_line
 from utils.config import NONE_WEIGHTS, config_to_dict
 from utils.errors import ConfigError
-from utils.tracking import Tracker
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
+    from engine.train import LAST, TrainingDiverged, evaluate_run, train
+    from utils.tracking import Tracker, require_credentials, wandb_mode
+
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last.pth")
     args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
@@ -28,10 +30,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "best.pth and last.pth with --test")
     cfg = config_from_args(args)
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
+    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test,
+                      from_command_line=sets_on_command_line(args, "wandb.mode"))
+    require_credentials(mode)  # before any work
 
     def make_tracker(run_id: Optional[str]) -> Tracker:
-        return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type,
-                       disabled=args.debug or args.test, run_id=run_id)
+        return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode,
+                       run_id=run_id)
 
     if args.test:
         evaluate_run(cfg, run_dir, make_tracker(None))

@@ -17,6 +17,8 @@ from dataset.transforms import PairTransform
 from utils.errors import DataError
 
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # single-channel PIL modes that hold class ids
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's 16-bit grey images
+UINT8_MAX, UINT16_MAX = 255, 65535
 MAT_IMAGE_KEY = "img"  # Potsdam .mat files: image under "img" (H x W x 4, RGB + infrared), STEGO's Potsdam
 MAT_LABEL_KEY = "gt"  # Potsdam .mat files: label under "gt" (H x W)
 
@@ -30,12 +32,36 @@ class Sample:
 
 
 def read_image(path: Path) -> Image.Image:
-    """An image file as RGB; a corrupt or unreadable file raises ``DataError``."""
+    """An image file as 8-bit RGB; an unreadable file, or a kind of image with no RGB reading, raises ``DataError``.
+
+    Alpha is dropped; palette, grey, CMYK and YCbCr images are converted; 16-bit grey images (common for scientific
+    and medical data) are scaled to 8 bits (PIL's own conversion would clip them to white)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return _to_rgb(img, path)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {err} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's decoders raise all three
         raise DataError(f"{path}: cannot read the image ({err}); the file is corrupt or not an image") from None
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "I":
+        values = np.asarray(img)
+        if values.min() < 0 or values.max() > UINT16_MAX:
+            raise DataError(f"{path}: a {img.mode} image with values outside 0..{UINT16_MAX}; save it as 8- or 16-bit")
+        if img.mode == "I" and values.max() <= UINT8_MAX:  # 8-bit values stored in 32-bit integers
+            grey = values.astype(np.uint8)
+        else:
+            grey = ((values.astype(np.uint32) * UINT8_MAX + UINT16_MAX // 2) // UINT16_MAX).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        raise DataError(f"{path}: a floating-point image (mode F) has no fixed range of values; save it as 8- or "
+                        f"16-bit")
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise DataError(f"{path}: images of mode {img.mode} cannot be read as RGB; save it as RGB") from None
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -127,6 +153,13 @@ class SegmentationDataset(Dataset):
             raise DataError(f"{sample.label}: label is {raw.shape[1]}x{raw.shape[0]} but its image {sample.image} "
                             f"is {image.width}x{image.height}; they must have the same size")
         return image, self.table(raw, sample.label)
+
+    def has_labelled_pixels(self) -> bool:
+        """Whether any label holds a pixel of a class (not every pixel ignored); reads labels until it finds one."""
+        for sample in self.samples:
+            if sample.label is not None and bool((self.table(self.reader.label(sample.label), sample.label) >= 0).any()):
+                return True
+        return False
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.load(index)

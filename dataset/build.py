@@ -101,9 +101,17 @@ def source_dataset(cfg: DatasetConfig, mode: str, transform: Optional[PairTransf
 
 
 def require_labels(dataset: SegmentationDataset) -> None:
-    """Raise ``DataError`` unless every image of ``dataset`` has a label (evaluation needs them)."""
+    """Raise ``DataError`` unless every image of ``dataset`` has a label and some pixel is labelled with a class
+    (evaluation needs them)."""
     if not dataset.has_labels:
         raise DataError(dataset.missing_labels or "this dataset has no labels, and evaluation needs them")
+    if not dataset.has_labelled_pixels():
+        raise DataError(f"the labels of {_folder_of(dataset)} mark every pixel as ignored (no pixel of the "
+                        f"{dataset.n_classes} classes): there is nothing to score")
+
+
+def _folder_of(dataset: SegmentationDataset) -> Path:
+    return dataset.samples[0].label.parent if dataset.samples and dataset.samples[0].label else Path("the dataset")
 
 
 def coco_samples(root: Path, mode: str, list_name: str) -> list[Sample]:
@@ -200,7 +208,7 @@ def directory_samples(root: Path, mode: str) -> list[Sample]:
     label_stems = _stems(label_dir, _entries(label_dir), (".png",))
     _check_orphans(image_dir, label_dir, list(stems), list(label_stems), "", ".png", DIRECTORY_LAYOUT,
                    image_names=stems)
-    return [Sample(image_dir / stems[s], label_dir / f"{s}.png") for s in stems]
+    return [Sample(image_dir / stems[s], label_dir / label_stems[s]) for s in stems]
 
 
 def cropped_samples(root: Path, mode: str) -> list[Sample]:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import DataError
+from utils.files import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,33 @@ def ensure_demo_data(data_path: Union[str, Path], seed: int = 0, splits: dict[st
     """Generate the demo set into ``data_path`` unless it is already there; return ``data_path``.
 
     The set is written to a temporary sibling folder and renamed at the end, so an interrupted run never
-    leaves a partial set behind. An existing folder must hold a demo set of the same seed and size.
+    leaves a partial set behind. Runs that start together wait for each other (a lock beside the folder): one
+    generates, the others find the set. An existing folder must hold a demo set of the same seed and size.
     """
     path = Path(data_path)
-    if path.is_dir() and any(path.iterdir()):
-        _check_existing(path, seed, splits)
-        return path
     if path.exists() and not path.is_dir():
         raise DataError(f"demo data_path {path} is a file; point dataset.data_path at a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        generate_demo_data(partial, seed, splits)
-        os.replace(partial, path)  # atomic; also replaces an empty folder at path
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    if not _is_empty(path):
+        _check_existing(path, seed, splits)
+        return path
+    with FolderLock(path.parent / f".{path.name}.lock"):
+        if not _is_empty(path):  # another run generated it while we waited
+            _check_existing(path, seed, splits)
+            return path
+        for stale in path.parent.glob(f".{path.name}.partial-*"):  # left by a killed generation
+            shutil.rmtree(stale, ignore_errors=True)
+        partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+        try:
+            generate_demo_data(partial, seed, splits)
+            os.replace(partial, path)  # atomic; also replaces an empty folder at path
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     log.info("generated the demo set (%s) in %s", ", ".join(f"{n} {s}" for s, n in splits.items()), path)
     return path
+
+
+def _is_empty(path: Path) -> bool:
+    return not path.is_dir() or not any(path.iterdir())
 
 
 def generate_demo_data(out_dir: Union[str, Path], seed: int = 0, splits: dict[str, int] = DEMO_SPLITS) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator, Optional
 
 import numpy as np
@@ -41,11 +42,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch  # distinct streams per (seed, epoch)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker)."""
+def _init_worker(worker_id: int) -> None:
+    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker), and leave
+    Ctrl-C to the main process: it reaches the whole process group, and the main process stops the workers (torch
+    also ends a worker whose main process died)."""
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset: Dataset, cfg: DataloaderConfig, seed: int, device: torch.device,
@@ -55,4 +59,4 @@ def make_loader(dataset: Dataset, cfg: DataloaderConfig, seed: int, device: torc
     workers = cfg.num_workers
     return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed))

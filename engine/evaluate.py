@@ -14,7 +14,6 @@ worker processes on the images of earlier batches while the network computes the
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -31,10 +30,11 @@ from tqdm import tqdm
 
 from dataset import build_dataset, class_names, color_map, make_loader, require_labels
 from engine.checkpoint import config_differences, networks_from_checkpoint
-from utils.config import Config, EvalConfig, apply_overrides, config_from_dict, config_to_dict
+from utils.config import Config, EvalConfig, config_from_dict, config_to_dict
 from utils.crf import CRFPool
 from utils.device import autocast
-from utils.errors import ConfigError
+from utils.errors import ConfigError, WeightsError
+from utils.files import to_json
 from utils.image import denormalize_to_uint8
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils.tracking import Tracker
@@ -69,9 +69,9 @@ class Scores:
         self.values = get_metrics(self.cluster, self.linear)
         return self
 
-    def per_class_iou(self, class_names: list[str]) -> dict[str, dict[str, Optional[float]]]:
-        return {"cluster": _finite(self.cluster.per_class_iou(class_names)),
-                "linear": _finite(self.linear.per_class_iou(class_names))}
+    def per_class_iou(self, class_names: list[str]) -> dict[str, dict[str, float]]:
+        """{probe: {class name: IoU}}; NaN for a class never labelled nor predicted (null in the JSON reports)."""
+        return {"cluster": self.cluster.per_class_iou(class_names), "linear": self.linear.per_class_iou(class_names)}
 
 
 @dataclass
@@ -171,11 +171,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _finite(values: dict[str, float]) -> dict[str, Optional[float]]:
-    """NaN (a class never labelled nor predicted) becomes None, so the JSON stays valid."""
-    return {k: (None if math.isnan(v) else v) for k, v in values.items()}
-
-
 def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """Metrics as a text table: one row per setting ("last.pth before CRF", ...), one column per metric name."""
     width = max(len(name) for name in rows) + 2
@@ -196,7 +191,7 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
     paths = {"report": out_dir / f"{prefix}eval_report.json",
              "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png"}
-    paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["report"].write_text(to_json(report, indent=2) + "\n")
     plot_confusion_matrix(evaluation.no_crf.cluster, class_names, paths["confusion_matrix"])
     if evaluation.examples:
         paths["visualization"] = out_dir / f"{prefix}visualization.png"
@@ -213,7 +208,14 @@ def checkpoint_path(cfg: Optional[Config], override: Optional[str]) -> Path:
     else:
         raise ConfigError("no checkpoint to evaluate: pass --checkpoint FILE, or set \"checkpoint\" in the option "
                           "file (eval.py then loads {output_dir}/{checkpoint}/ckpt.pth)")
-    return path / CKPT_FILE if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if not (path / CKPT_FILE).exists():
+        found = sorted(p.name for p in path.glob("*.pth"))
+        hint = (f"; it holds {', '.join(found)}: pass one with --checkpoint {path / found[-1]}" if found
+                else "; pass a checkpoint file with --checkpoint")
+        raise WeightsError(f"{path} holds no {CKPT_FILE} (the file name a folder stands for){hint}")
+    return path / CKPT_FILE
 
 
 class Reports(NamedTuple):
@@ -263,7 +265,7 @@ def config_for_checkpoint(cfg: Optional[Config], ckpt: Mapping[str, Any], overri
         if saved is None:
             raise ConfigError(f"{path} holds no options (a released checkpoint holds only weights): pass the option "
                               f"file it was trained with, e.g. --opt json/server/cocostuff8_eval.json")
-        return config_from_dict(apply_overrides(saved, overrides), source=f"{path} (the options stored in it)")
+        return config_from_dict(saved, source=f"{path} (the options stored in it)", overrides=overrides)
     if saved is not None:
         differ = [k for k in config_differences(saved, config_to_dict(cfg)) if k.startswith(EVALUATION_SECTIONS)]
         if differ:

@@ -6,6 +6,7 @@ log.jsonl (the name the code uses), its wandb name and its console format.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.evaluate import METRIC_NAMES, Evaluation, save_report
+from utils.files import to_json
 from utils.tracking import Tracker
 
 
@@ -49,7 +51,7 @@ class Journal:
         self.tracker = tracker
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(to_json(record) + "\n")
         self.file.flush()
 
     def train_line(self, stats: Mapping[str, float]) -> None:
@@ -73,3 +75,21 @@ class Journal:
 
     def close(self) -> None:
         self.file.close()
+
+
+def trim_log(path: Path, iteration: int) -> None:
+    """Keep the records of ``path`` up to ``iteration`` (a resumed run goes on from its checkpoint's iteration);
+    a line cut short by a kill is dropped too. The file is replaced in one rename."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iter", 0) <= iteration:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.trim")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

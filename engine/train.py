@@ -12,7 +12,6 @@ probe), update the fp16 loss scale once.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,19 +32,20 @@ from dataset import EpochSampler, build_dataset, class_names, color_map, make_lo
 from engine.checkpoint import (config_differences, load_checkpoint, load_networks, require_training_state,
                                set_rng_state, training_checkpoint)
 from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, evaluate, evaluate_and_report
-from engine.journal import LABELS, Journal
+from engine.journal import LABELS, Journal, trim_log
 from loss import PPAPLoss, PPAPResult
 from model import build_model
 from utils.config import Config, OptimConfig, OptimizerConfig, config_to_dict
 from utils.device import autocast, grad_scaler, make_fabric, resolve_device, resolve_precision
 from utils.errors import ConfigError, DataError, UserError
-from utils.files import save_atomically
+from utils.files import FolderLock, remove_temporaries, save_atomically, to_json
 from utils.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pth", "best.pth"
 CONFIG_FILE, LOG_FILE, FINAL_METRICS = "config.json", "log.jsonl", "final_metrics.json"
+RUN_LOCK = ".lock"  # held by the process that owns the run directory
 VAL_EXAMPLES = 4  # validation images shown in wandb at each validation
 # Config keys that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("train.epoch", "train.print_freq", "train.valid_freq", "dataloader.num_workers", "wandb.",
@@ -103,6 +103,7 @@ class Run:
 
     cfg: Config
     run_dir: Path
+    lock: FolderLock  # this process owns run_dir while it holds the lock
     fabric: Fabric
     precision: str  # fp32 | fp16 | bf16, resolved
     scaler: torch.amp.GradScaler  # enabled for fp16 only
@@ -115,7 +116,7 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     n_classes: int
-    validate: bool  # the validation set has labels
+    validate: bool  # the validation set has labelled pixels to score
     wandb_run_id: Optional[str] = None  # the wandb run to continue (resume)
     progress: Progress = field(default_factory=Progress)
 
@@ -158,11 +159,33 @@ def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_f
                      cluster=cluster(code).loss), ppap
 
 
+def own_run_dir(run_dir: Path) -> FolderLock:
+    """Lock ``run_dir`` for this process (created if needed), or raise ``UserError`` naming the run that holds it."""
+    lock = FolderLock(run_dir / RUN_LOCK)
+    if not lock.acquire():
+        raise UserError(f"{run_dir} is in use by {lock.holder()}; wait for that run to end, or choose another "
+                        f"wandb.name or output_dir")
+    return lock
+
+
 def setup(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
-    """Build the run: data, model, optimizers and Fabric; on ``resume``, restore all of it from last.pth."""
+    """Build the run: data, model, optimizers and Fabric; on ``resume``, restore all of it from last.pth.
+
+    The run owns ``run_dir`` from the start (a lock that ends with the process); nothing in the folder changes
+    before the run is known to start: options checked, checkpoint readable."""
     last_path = run_dir / LAST
     if resume and not last_path.is_file():
         raise UserError(f"--resume: {last_path} not found; start without --resume to begin a new run")
+    lock = own_run_dir(run_dir)
+    try:
+        return _setup(cfg, run_dir, resume, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
+    last_path = run_dir / LAST
     if not resume and last_path.exists():
         raise UserError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, or choose another "
                         f"wandb.name or output_dir for a new one")
@@ -184,17 +207,20 @@ def setup(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
     if len(train_set) < cfg.dataloader.batch_size:
         raise DataError(f"{cfg.dataset.data_path}: the training set has {len(train_set)} images, fewer than one "
                         f"batch of dataloader.batch_size={cfg.dataloader.batch_size}")
-    if not val_set.has_labels:
-        log.warning("the validation set has no labels: training runs without validation and best.pth, "
-                    "and last.pth is saved every %d iterations", cfg.train.valid_freq)
+    validate = val_set.has_labels and val_set.has_labelled_pixels()
+    if not validate:
+        why = "has no labels" if not val_set.has_labels else "labels every pixel as ignored"
+        log.warning("the validation set %s: training runs without validation scores, best.pth and the final "
+                    "evaluation; last.pth is saved every %d iterations", why, cfg.train.valid_freq)
     sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed)
     net, linear, cluster = (fabric.setup_module(m) for m in build_model(cfg.model, val_set.n_classes))
-    run = Run(cfg=cfg, run_dir=run_dir, fabric=fabric, precision=precision, scaler=grad_scaler(device, precision),
+    run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, precision=precision,
+              scaler=grad_scaler(device, precision),
               net=net, linear=linear, cluster=cluster, optimizers=build_optimizers(cfg.optimizer, net, linear, cluster),
               loss_fn=PPAPLoss(cfg.training_coeff), sampler=sampler,
               train_loader=make_loader(train_set, cfg.dataloader, cfg.seed, device, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE),
-              n_classes=val_set.n_classes, validate=val_set.has_labels)
+              n_classes=val_set.n_classes, validate=validate)
     if ckpt is not None:
         load_networks(ckpt, run.net, run.linear, run.cluster, str(last_path))
         for name, optimizer in run.optimizers._asdict().items():
@@ -208,8 +234,11 @@ def setup(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
         set_rng_state(ckpt["rng_state"])  # last: building the model above draws random numbers
         log.info("resuming %s at epoch %d, batch %d (iteration %d)", last_path, run.progress.epoch,
                  run.progress.batch_in_epoch, run.progress.iteration)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    for path in remove_temporaries(run_dir):  # left by a killed earlier run of this folder
+        log.info("removed %s, an unfinished checkpoint of an interrupted run", path)
+    # the log goes on from the checkpoint (a new run: from nothing, dropping what a run that saved nothing logged)
+    trim_log(run_dir / LOG_FILE, run.progress.iteration)
+    (run_dir / CONFIG_FILE).write_text(to_json(config, indent=2) + "\n")
     return run
 
 
@@ -220,19 +249,23 @@ def train(cfg: Config, run_dir: Path, make_tracker: Callable[[Optional[str]], Tr
     ``make_tracker(run_id)`` opens the wandb run (``run_id``: the run to continue on --resume, else None).
     """
     run = setup(cfg, run_dir, resume)
-    tracker = make_tracker(run.wandb_run_id)
+    try:
+        tracker = make_tracker(run.wandb_run_id)
+    except BaseException:
+        run.lock.release()
+        raise
     journal = Journal(run_dir / LOG_FILE, tracker)
     try:
         for epoch in tqdm(range(run.progress.epoch, cfg.train.epoch), desc="epoch", initial=run.progress.epoch,
                           total=cfg.train.epoch, disable=None):
             train_one_epoch(run, epoch, journal)
         if not run.validate:
-            log.warning("no validation labels: skipping the final evaluation")
             return {}
         return final_evaluation(cfg, run_dir, run.fabric, run.precision, tracker, step=run.progress.iteration)
     finally:
         journal.close()
         tracker.finish()
+        run.lock.release()
 
 
 def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
@@ -327,12 +360,18 @@ def final_evaluation(cfg: Config, run_dir: Path, fabric: Fabric, precision: str,
             raise UserError(f"{path} not found; train first (run.py without --test)")
         checkpoints[path.stem] = (path, load_checkpoint(path))
     results = evaluate_and_report(cfg, checkpoints, run_dir, fabric, precision, tracker, step=step).metrics
-    (run_dir / FINAL_METRICS).write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / FINAL_METRICS).write_text(to_json(results, indent=2) + "\n")
     print("best.pth is selected with validation labels; last.pth is the label-free choice.")
     return results
 
 
 def evaluate_run(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     """run.py --test: the final evaluation of an existing run's best.pth and last.pth, without training."""
+    if not run_dir.is_dir():
+        raise UserError(f"--test: {run_dir} not found; train first (run.py without --test)")
     device = resolve_device(cfg.device, cfg.gpu_ids)
-    return final_evaluation(cfg, run_dir, make_fabric(device), resolve_precision(cfg.precision, device), tracker)
+    lock = own_run_dir(run_dir)
+    try:
+        return final_evaluation(cfg, run_dir, make_fabric(device), resolve_precision(cfg.precision, device), tracker)
+    finally:
+        lock.release()

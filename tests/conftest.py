@@ -87,3 +87,23 @@ def shallow_vit():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model.ppap, "vit", functools.partial(vit, depth=SHALLOW_DEPTH))
         yield
+
+
+OVERFLOW = 1e30  # finite in fp32, so the run goes on; its gradients overflow fp16 (max 65504)
+
+
+def patch_ppap_loss(monkeypatch, overflow_at=(), interrupt_at=None) -> None:
+    """Count the PPAP loss calls (one per training iteration): raise KeyboardInterrupt (Ctrl-C) at call
+    ``interrupt_at``, multiply the loss by ``OVERFLOW`` at the calls in ``overflow_at``."""
+    from loss import PPAPLoss
+
+    original, calls = PPAPLoss.forward, {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        result = original(self, *args, **kwargs)
+        return result._replace(loss=result.loss * OVERFLOW) if calls["n"] in overflow_at else result
+
+    monkeypatch.setattr(PPAPLoss, "forward", patched)

@@ -1,13 +1,13 @@
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from utils.cli import base_parser, config_from_args, run_main
-from utils.config import (Config, TrainingCoeff, apply_overrides, config_from_dict, config_to_dict,
-                          load_config)
+from utils.config import Config, TrainingCoeff, config_from_dict, config_to_dict, load_config
 from utils.device import resolve_device
 from utils.errors import ConfigError
 
@@ -197,14 +197,33 @@ def test_override_below_a_value_is_refused():
         load_config(ORIGINAL / "cocostuff8.json", ["train.epoch.x=1"])
 
 
-def test_wrongly_typed_override_is_named():
-    with pytest.raises(ConfigError, match=r"train\.epoch must be an integer \(got str \"many\"\)"):
+def test_wrongly_typed_override_is_named_instead_of_the_file():
+    with pytest.raises(ConfigError) as err:
         load_config(ORIGINAL / "cocostuff8.json", ["train.epoch=many"])
+    assert str(err.value) == "command-line override 'train.epoch=many': train.epoch must be an integer (got str \"many\")"
+
+
+def test_impossible_override_value_is_blamed_on_the_override():
+    with pytest.raises(ConfigError, match=r"^command-line override 'training_coeff\.tau=0': training_coeff\.tau must "):
+        load_config(ORIGINAL / "cocostuff8.json", ["training_coeff.tau=0"])
+
+
+def test_a_bad_value_in_the_file_is_still_blamed_on_the_file(tmp_path):
+    data = original()
+    data["train"]["epoch"] = "many"
+    with pytest.raises(ConfigError, match=r"^.*opt\.json: train\.epoch must be an integer"):
+        load_config(write(tmp_path, data), ["train.print_freq=5"])
+
+
+def test_empty_override_is_refused_instead_of_meaning_null():
+    with pytest.raises(ConfigError, match=r"'model\.pretrained\.pretrained_weights=' gives no value: write "
+                                          r"model\.pretrained\.pretrained_weights=null for null"):
+        load_config(ORIGINAL / "cocostuff8.json", ["model.pretrained.pretrained_weights="])
 
 
 def test_pair_override_keeps_value_verbatim():
-    raw = apply_overrides(original(), [("dataset.data_path", "/d/a b,[c]=1")])
-    assert raw["dataset"]["data_path"] == "/d/a b,[c]=1"
+    cfg = load_config(ORIGINAL / "cocostuff8.json", [("dataset.data_path", "/d/a b,[c]=1")])
+    assert cfg.dataset.data_path == "/d/a b,[c]=1"
 
 
 def test_base_file_is_extended(tmp_path):
@@ -223,10 +242,26 @@ def test_base_cycle_is_refused(tmp_path):
         load_config(tmp_path / "a.json")
 
 
-def test_missing_base_file_is_named(tmp_path):
+def test_missing_base_file_is_named_with_the_file_that_names_it(tmp_path):
     child = write(tmp_path, {"base": "absent.json"}, "child.json")
-    with pytest.raises(ConfigError, match=r"option file .*absent\.json not found"):
+    with pytest.raises(ConfigError) as err:
         load_config(child)
+    assert str(err.value).startswith(f'{child}: "base": absent.json not found (looked for {tmp_path / "absent.json"};')
+
+
+def test_folder_given_as_option_file_is_called_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"option file .* is a folder; pass a JSON file with --opt"):
+        load_config(tmp_path)
+
+
+def test_option_file_may_come_through_a_pipe(tmp_path):
+    fifo = tmp_path / "options.pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps(original())))
+    writer.start()
+    cfg = load_config(fifo)
+    writer.join()
+    assert cfg.model.pretrained.model_type == "vit_small"
 
 
 def test_loading_has_no_side_effects(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Mixed precision on the CPU: fp16 (with its loss scaler) and bf16 training and evaluation, resume, overflow."""
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,12 @@ import torch
 import engine.train
 import run
 from engine.checkpoint import load_checkpoint
-from loss import PPAPLoss
-from tests.conftest import tiny_options
+from tests.conftest import patch_ppap_loss, tiny_options
 from utils.cli import run_main
 from utils.device import GRAD_SCALER_INIT_SCALE
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 
-OVERFLOW = 1e30  # finite in fp32, so the run goes on; its gradients overflow fp16 (max 65504)
 NETWORK, PROBES = "net_model_state_dict", ("linear_model_state_dict", "cluster_model_state_dict")
 
 
@@ -32,21 +29,6 @@ def records(folder: Path, kind: str) -> list[dict]:
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def patch_loss(monkeypatch, overflow_at=(), interrupt_at=None) -> None:
-    """Count the PPAP loss calls (one per iteration): scale the loss by OVERFLOW at the calls in ``overflow_at``,
-    raise KeyboardInterrupt (Ctrl-C) at ``interrupt_at``."""
-    original, calls = PPAPLoss.forward, {"n": 0}
-
-    def patched(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == interrupt_at:
-            raise KeyboardInterrupt
-        result = original(self, *args, **kwargs)
-        return result._replace(loss=result.loss * OVERFLOW) if calls["n"] in overflow_at else result
-
-    monkeypatch.setattr(PPAPLoss, "forward", patched)
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +75,24 @@ def test_fp16_overflow_skips_the_network_step_and_halves_the_scale(tiny_data, tm
         save(ckpt, path)
 
     monkeypatch.setattr(engine.train, "save_atomically", keep)
-    patch_loss(monkeypatch, overflow_at={2})
+    patch_ppap_loss(monkeypatch, overflow_at={2})
     options = tiny_options(tmp_path, tiny_data, precision="fp16", device=str(device), train={"valid_freq": 1})
     assert train(options) == 0
     assert [saved[i]["scaler_state_dict"]["scale"] for i in (1, 2, 3)] == [2048, 1024, 1024]
     assert same(saved[1][NETWORK], saved[2][NETWORK])  # the overflowing step was skipped for the network
     assert not same(saved[2][NETWORK], saved[3][NETWORK])  # and the next one was taken
     assert all(not same(saved[1][part], saved[2][part]) for part in PROBES)  # their gradients were finite
-    assert not math.isfinite(records(tmp_path, "train")[1]["grad_norm"])
+    assert records(tmp_path, "train")[1]["grad_norm"] is None  # not finite, so null in the JSON line
 
 
 def test_fp16_resume_restores_the_scaler_state_exactly(tiny_data, tmp_path, monkeypatch):
     """On the CPU, where every kernel is deterministic (on CUDA, index_add_ and others are not)."""
     whole = tiny_options(tmp_path / "whole", tiny_data, precision="fp16", train={"epoch": 2})
-    patch_loss(monkeypatch, overflow_at={1})  # the scale is 1024 from the first iteration on
+    patch_ppap_loss(monkeypatch, overflow_at={1})  # the scale is 1024 from the first iteration on
     assert train(whole) == 0
     broken = tiny_options(tmp_path / "broken", tiny_data, precision="fp16", train={"epoch": 2})
-    patch_loss(monkeypatch, overflow_at={1}, interrupt_at=4)  # Ctrl-C in iteration 4: last.pth holds iteration 2
+    monkeypatch.undo()
+    patch_ppap_loss(monkeypatch, overflow_at={1}, interrupt_at=4)  # Ctrl-C in iteration 4: last.pth holds iteration 2
     assert train(broken) == 130
     assert train(broken, "--resume") == 0
     a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / "last.pth")

@@ -10,7 +10,7 @@ from dataset import EpochSampler
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
 from engine.train import Progress, probe_cross_entropy
 from loss import PPAPLoss
-from tests.conftest import ROOT, tiny_options
+from tests.conftest import ROOT, patch_ppap_loss, tiny_options
 from utils.cli import run_main
 from utils.config import load_config
 from utils.files import save_atomically
@@ -79,19 +79,10 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tiny_data, tm
     whole = tiny_options(tmp_path / "whole", tiny_data, train={"epoch": 2})
     assert train(whole) == 0
     broken = tiny_options(tmp_path / "broken", tiny_data, train={"epoch": 2})
-    original = PPAPLoss.forward
-    calls = {"n": 0}
-
-    def interrupted(self, *args, **kwargs):  # Ctrl-C in iteration 4: last.pth holds iteration 2
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PPAPLoss, "forward", interrupted)
+    patch_ppap_loss(monkeypatch, interrupt_at=4)  # Ctrl-C in iteration 4: last.pth holds iteration 2
     assert train(broken) == 130
     assert load_checkpoint(tmp_path / "broken" / "output" / "tiny" / "last.pth")["iter"] == 2
-    monkeypatch.setattr(PPAPLoss, "forward", original)
+    monkeypatch.undo()
     assert train(broken, "--resume") == 0
     for name in ("last.pth", "best.pth"):
         a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / name)

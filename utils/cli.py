@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
 from utils.config import Config, load_config
+from utils import signals
 from utils.errors import UserError
 
 EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def base_parser(description: str, opt_required: bool = True) -> argparse.ArgumentParser:
@@ -36,6 +37,11 @@ def overrides_from_args(args: argparse.Namespace) -> list:
     return overrides
 
 
+def sets_on_command_line(args: argparse.Namespace, key: str) -> bool:
+    """Whether one of the command line's dotted overrides sets ``key``."""
+    return any(item.partition("=")[0].strip() == key for item in args.overrides)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The option file with the command line's overrides applied."""
     return load_config(args.opt, overrides_from_args(args))
@@ -57,13 +63,34 @@ def one_line(err: BaseException) -> str:
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Call ``main(argv)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C status 130."""
+    """Call ``main(argv)`` and turn how it ended into one line on stderr and an exit status: a ``UserError`` or a
+    filesystem error (a folder that cannot be created, a full disk) 2; Ctrl-C 130, SIGTERM 143, SIGHUP 129."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return main(argv)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with signals.handled():
+        try:
+            return main(argv)
+        except UserError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt as err:
+            return _stopped(signals.signal_of(err))
+        except OSError as err:
+            print(f"error: {describe_os_error(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except BaseException:
+            if signals.received() is None:
+                raise
+            return _stopped(signals.received())  # the signal's exception was replaced by one of the cleanup's
+
+
+def _stopped(signum: int) -> int:
+    print("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})", file=sys.stderr)
+    return signals.exit_status(signum)
+
+
+def describe_os_error(err: OSError) -> str:
+    """"PATH: the OS's reason" (e.g. "No space left on device"), or the message when the error names no path."""
+    if err.filename is None:
+        return one_line(err)
+    target = f" -> {err.filename2}" if err.filename2 is not None else ""
+    return f"{err.filename}{target}: {err.strerror or one_line(err)}"

@@ -25,6 +25,7 @@ from utils.errors import ConfigError
 BACKBONE_WIDTH = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}  # DINO's vision_transformer.py
 PATCH_SIZES = (8, 16)  # the patch sizes DINO was released with
 DATA_TYPES = ("cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam", "potsdamraw", "directory", "demo")
+WANDB_MODES = ("online", "offline", "disabled")
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 BASE_KEY = "base"  # top-level key naming an option file this one extends
 
@@ -55,9 +56,11 @@ class WandbConfig:
     id: Optional[str] = None  # resume this wandb run id (read by the original's set_wandb)
     notes: Optional[str] = None
     tags: Optional[tuple[str, ...]] = None  # default: [dataset.data_type], so wandb groups runs by dataset
+    init_timeout: float = 30.0  # ours: seconds an online run waits for wandb's server before it logs offline
 
     def __post_init__(self) -> None:
-        _choice(self.mode, "mode", ("online", "offline", "disabled"))
+        _choice(self.mode, "mode", WANDB_MODES)
+        _require(self.init_timeout > 0, "init_timeout", f"must be > 0 seconds (got {self.init_timeout})")
         _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/' (got {self.name!r})")
 
 
@@ -272,16 +275,18 @@ def load_config(path: Union[str, Path], overrides: Sequence[Union[str, tuple[str
     ``overrides`` holds ``"dotted.key=value"`` strings (values parsed by OmegaConf: numbers, true/false,
     null, lists) or ``(dotted.key, value)`` pairs whose value is taken as it is.
     """
-    raw = _read_with_bases(Path(path), chain=())
-    raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, source=str(path))
+    return config_from_dict(_read_with_bases(Path(path), chain=()), source=str(path), overrides=overrides)
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str) -> Config:
-    """Build a validated ``Config`` from a plain dict (an option file's content or a saved resolved config)."""
+def config_from_dict(raw: Mapping[str, Any], source: str,
+                     overrides: Sequence[Union[str, tuple[str, Any]]] = ()) -> Config:
+    """Build a validated ``Config`` from a plain dict (an option file's content or a saved resolved config) and
+    ``overrides`` (as ``load_config`` takes them). A message about a value names where it came from: ``source``,
+    or the override that set it."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
-    return _build(Config, raw, prefix="", source=source)
+    raw, origins = _apply_overrides(raw, overrides)
+    return _build(Config, raw, prefix="", source=_Source(source, origins))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -289,9 +294,21 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[Union[str, tuple[str, Any]]]) -> dict[str, Any]:
-    """Return ``raw`` with each dotted-key override set; unknown keys raise ``ConfigError``."""
-    merged = json.loads(json.dumps(raw))
+@dataclass(frozen=True)
+class _Source:
+    """Where the options come from: a file (or checkpoint), except the keys that overrides set."""
+
+    name: str
+    overrides: Mapping[str, str]  # dotted key -> the override that set it, as messages show it
+
+    def of(self, key: str) -> str:
+        return self.overrides.get(key, self.name)
+
+
+def _apply_overrides(raw: Mapping[str, Any],
+                     overrides: Sequence[Union[str, tuple[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``raw`` with each dotted-key override set, and which override set which key; unknown keys raise."""
+    merged, origins = json.loads(json.dumps(raw)), {}
     for item in overrides:
         if isinstance(item, str):
             key, value = _parse_override(item)
@@ -307,13 +324,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[Union[str, tuple
                 node[part] = {}
             node = node[part]
         node[leaf] = value
-    return merged
+        origins[key] = shown
+    return merged, origins
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, _ = item.partition("=")
+    key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"command-line override {item!r}: expected dotted.key=value, e.g. train.epoch=1")
+    if not text.strip():  # OmegaConf reads "key=" as null, which for some keys means something (a download)
+        raise ConfigError(f"command-line override {item!r} gives no value: write {key.strip()}=null for null, or "
+                          f"{key.strip()}=\"''\" for an empty string")
     try:
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
     except Exception as err:  # OmegaConf and YAML parser errors share no base class
@@ -349,16 +370,24 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     resolved = base_path.resolve()
     if resolved in chain or resolved == path.resolve():
         raise ConfigError(f"{path}: \"{BASE_KEY}\": {base} extends itself through a cycle of base files")
+    if not base_path.exists():
+        raise ConfigError(f"{path}: \"{BASE_KEY}\": {base} not found (looked for {base_path}; a relative base is "
+                          f"read from the folder of the file that names it)")
     parent = _read_with_bases(base_path, chain + (path.resolve(),))
     merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
     return OmegaConf.to_container(merged, resolve=False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """An option file's JSON object; ``path`` may also be a pipe (``--opt <(...)``) or a device such as /dev/stdin."""
+    if path.is_dir():
+        raise ConfigError(f"option file {path} is a folder; pass a JSON file with --opt")
+    if not path.exists():
         raise ConfigError(f"option file {path} not found (pass an existing JSON file with --opt)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"option file {path}: cannot read it ({err.strerror})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
     except UnicodeDecodeError:
@@ -375,26 +404,26 @@ def _suggest(name: str, choices: Mapping[str, Any], walked: Sequence[str]) -> st
     return f" (known keys: {', '.join(choices)})"
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Mapping[str, Any], prefix: str, source: _Source) -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     walked = prefix.rstrip(".").split(".") if prefix else []
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key {prefix}{key}{_suggest(key, fields, walked)}")
+            raise ConfigError(f"{source.name}: unknown key {prefix}{key}{_suggest(key, fields, walked)}")
     values = {}
     for name, f in fields.items():
         if name in raw:
             values[name] = _convert(raw[name], hints[name], f"{prefix}{name}", source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing key {prefix}{name}")
+            raise ConfigError(f"{source.name}: missing key {prefix}{name}")
     try:
         return cls(**values)
     except _FieldError as err:
-        raise ConfigError(f"{source}: {prefix}{err.key} {err.problem}") from None
+        raise ConfigError(f"{source.of(prefix + err.key)}: {prefix}{err.key} {err.problem}") from None
 
 
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, source: _Source) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -403,30 +432,30 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return _convert(value, inner, key, source)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {key} must be a JSON object (got {_shown(value)})")
+            raise ConfigError(f"{source.of(key)}: {key} must be a JSON object (got {_shown(value)})")
         return _build(tp, value, f"{key}.", source)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list (got {_shown(value)})")
+            raise ConfigError(f"{source.of(key)}: {key} must be a list (got {_shown(value)})")
         return tuple(_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{source}: {key} must be true or false (got {_shown(value)})")
+        raise ConfigError(f"{source.of(key)}: {key} must be true or false (got {_shown(value)})")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{source}: {key} must be an integer (got {_shown(value)})")
+        raise ConfigError(f"{source.of(key)}: {key} must be an integer (got {_shown(value)})")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{source}: {key} must be a number (got {_shown(value)})")
+        raise ConfigError(f"{source.of(key)}: {key} must be a number (got {_shown(value)})")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{source}: {key} must be a string (got {_shown(value)})")
+        raise ConfigError(f"{source.of(key)}: {key} must be a string (got {_shown(value)})")
     raise TypeError(f"config field {key} has an unsupported type {tp!r}")
 
 

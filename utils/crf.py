@@ -18,8 +18,9 @@ iterations of a fully connected CRF with a Gaussian smoothness kernel and a bila
 
 Results are identical to calling ``dense_crf`` in a loop. The pool never uses ``fork``: STEGO's
 ``multiprocessing.Pool`` forked a process that had CUDA and threads running, which can deadlock (STEGO issues
-#12 and #16). Workers receive numpy arrays only, ignore Ctrl-C (the caller's context manager stops them), and a
-worker's exception, or a worker that dies, is raised in the caller as ``CRFError`` naming the image. At most
+#12 and #16). Workers receive numpy arrays only, ignore Ctrl-C (the caller's context manager stops them), end by
+themselves within a second or two when the caller dies without stopping them, and a worker's exception, or a
+worker that dies, is raised in the caller as ``CRFError`` naming the image. At most
 ``max_in_flight`` tasks are queued or running; finished results wait in the pool until ``ready()`` or
 ``results()`` takes them, so a caller that collects after every batch keeps memory bounded.
 """
@@ -29,6 +30,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Hashable, Iterator, Literal, Optional
@@ -47,6 +50,7 @@ CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
 START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
 IN_FLIGHT_PER_WORKER = 2  # one task running and one queued, so that a worker never waits for the caller
 WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # one thread per worker
+PARENT_POLL_S = 1.0  # a worker whose caller died ends within this many seconds
 
 Output = Literal["labels", "probs"]
 OUTPUTS = ("labels", "probs")
@@ -120,15 +124,24 @@ def _refine(image: np.ndarray, scores: np.ndarray, output: Output) -> np.ndarray
     return probs.argmax(axis=0) if output == "labels" else probs
 
 
-def _init_worker() -> None:
+def _init_worker(caller: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the caller's context manager stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A caller that dies without stopping us (SIGKILL, a crash) leaves us to the init process: end then.
+    # (``caller`` is the caller's pid: it may be dead already while this worker was starting.)
+    threading.Thread(target=_exit_with_parent, args=(caller,), daemon=True).start()
     # The CRF is single-threaded; keep libraries that start thread pools later (OpenMP, MKL) at one thread each.
     for name in WORKER_THREAD_ENV:
         os.environ[name] = "1"
     torch = sys.modules.get("torch")  # imported when the caller's main module imports it (spawn re-imports it)
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def usable_cores() -> int:
@@ -174,7 +187,7 @@ class CRFPool:
         self._executor: Optional[ProcessPoolExecutor] = None
         if self.workers > 0:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(START_METHOD),
-                                                 initializer=_init_worker)
+                                                 initializer=_init_worker, initargs=(os.getpid(),))
 
     def __enter__(self) -> CRFPool:
         return self

@@ -20,3 +20,7 @@ class WeightsError(UserError):
 
 class DataError(UserError):
     """A dataset on disk is missing, incomplete or malformed."""
+
+
+class OutputError(UserError):
+    """An output cannot be written: a full disk, a read-only filesystem, a folder where a file should go."""

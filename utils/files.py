@@ -1,38 +1,97 @@
-"""Torch files on disk: written atomically, read with torch's safe loader.
+"""Files on disk: torch files written atomically and read safely, JSON without NaN, and exclusive locks on folders.
 
-Checkpoints and weight files go through these two functions. A file is written to a temporary file in the same
-folder, flushed to disk and renamed over the old one, so a kill at any moment leaves either the previous file or
-the new one, never a truncated file. What a PPAP checkpoint holds is engine/checkpoint.py's business.
+A checkpoint is written to a temporary file ``.NAME.XXXXXXXX.tmp`` in the same folder, flushed to disk and renamed
+over the old one, so a kill at any moment leaves either the previous file or the new one, never a truncated file.
+Ctrl-C and SIGTERM are held off while it is written. A kill that cannot be held off (SIGKILL, a power cut) may
+leave the temporary file behind: ``remove_temporaries`` removes those, and the program that owns the folder (see
+``FolderLock``) calls it when it starts. What a PPAP checkpoint holds is engine/checkpoint.py's business.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import json
+import math
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Optional
 
 import torch
 
-from utils.errors import WeightsError
+from utils import signals
+from utils.errors import OutputError, WeightsError
+
+TMP_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # the names save_atomically gives its temporary files
+FILE_MODE = 0o666  # before the process's umask, as Python's open() creates files
 
 
 def save_atomically(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
+    """``torch.save(obj, path)`` through a temporary file, fsync and rename; the file gets the same permissions as
+    every other output (0666 less the umask). A write that fails (a full disk) raises ``OutputError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    with signals.deferred():
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, (OSError, RuntimeError)):  # torch's writer reports a failed write as RuntimeError
+                raise OutputError(f"cannot write {path}: {_write_failure(err, path.parent)}") from None
+            raise
     _fsync_dir(path.parent)
+
+
+def _write_failure(err: BaseException, folder: Path) -> str:
+    """The OS's reason for a failed write: from the OSError in the chain, else from the free space left."""
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    try:
+        if shutil.disk_usage(folder).free == 0:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def to_json(obj: Any, indent: Optional[int] = None) -> str:
+    """JSON text of ``obj`` with NaN and infinities written as null: standard JSON has neither, and jq, JavaScript
+    and many JSON readers refuse Python's NaN."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that interrupted ``save_atomically`` calls left in ``folder``; return them.
+
+    Only for the folder's owner: another live process's temporary file would be deleted too."""
+    removed = [p for p in folder.iterdir() if p.is_file() and _TEMPORARY.match(p.name)] if folder.is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -48,15 +107,68 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class FolderLock:
+    """An exclusive lock on a folder, held through a lock file in it (``flock``): the operating system releases it
+    when the holder ends, however it ends, so a crashed run never leaves a folder locked.
+
+    The lock file holds "PID HOST" of its holder, for the message of whoever finds the folder taken."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Optional[IO[str]] = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock; without ``wait``, return False at once if another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            file.close()
+            return False
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return True
+
+    def holder(self) -> str:
+        """"process PID on HOST" as the lock file names its holder (best effort)."""
+        try:
+            pid, host = self.path.read_text(encoding="utf-8").split()[:2]
+        except (OSError, ValueError):
+            return "another process"
+        return f"process {pid} on {host}"
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire(wait=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     """``torch.load`` on the CPU, restricted to tensors and plain containers (plus the argparse.Namespace that DINO
     training checkpoints hold); a missing or unreadable file raises ``WeightsError`` naming ``kind`` and the path."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{kind} {path} is a folder, not a file")
     if not path.is_file():
         raise WeightsError(f"{kind} {path} not found")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{kind} {path} is empty (0 bytes): an interrupted copy or download?")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except EOFError:
+        raise WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f"cannot read {kind} {path}: {first_line}") from None

@@ -1,0 +1,166 @@
+"""What clusters and terminals send: SIGTERM, SIGHUP, Ctrl-C to a process group, SIGKILL. Real processes here."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from engine.checkpoint import load_checkpoint
+from model import build_model
+from tests.conftest import ROOT, TINY_COLORS, tiny_options
+from utils.cli import run_main
+from utils.config import config_to_dict, load_config
+
+CRF_VAL_IMAGES = 32  # enough CRF work (about 5 s with two workers) to be interrupted in the middle of it
+WAIT_S = 60  # upper bound for anything to happen; the tests pass in seconds
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def crf_checkpoint(tiny_data, tmp_path_factory):
+    """A checkpoint carrying its options, and a validation set large enough for seconds of CRF work."""
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("crf_data")
+    for kind in ("imgs", "labels"):
+        (root / kind).mkdir()
+        (root / kind / "train").symlink_to(tiny_data / kind / "train", target_is_directory=True)
+        (root / kind / "val").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(CRF_VAL_IMAGES):
+        label = np.zeros((48, 64), np.uint8)
+        label[:, 32:] = 1
+        image = TINY_COLORS[label] + rng.normal(0, 12, (48, 64, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "imgs" / "val" / f"{i:03d}.png")
+        Image.fromarray(label).save(root / "labels" / "val" / f"{i:03d}.png")
+    folder = tmp_path_factory.mktemp("crf_run")
+    cfg = load_config(tiny_options(folder, root, eval={"is_crf": True, "crf_workers": 2}))
+    torch.manual_seed(0)
+    net, linear, cluster = build_model(cfg.model, 3)
+    path = folder / "last.pth"
+    torch.save({"epoch": 0, "iter": 0, "best_epoch": 0, "best_iter": 0, "best": 0.0,
+                "net_model_state_dict": net.state_dict(), "linear_model_state_dict": linear.state_dict(),
+                "cluster_model_state_dict": cluster.state_dict(), "net_optimizer_state_dict": None,
+                "linear_optimizer_state_dict": None, "cluster_optimizer_state_dict": None,
+                "config": config_to_dict(cfg)}, path)
+    return path
+
+
+def crf_workers_of(pid: int) -> list[int]:
+    return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_sigterm_during_crf_ends_eval_with_143_and_no_worker_left(crf_checkpoint):
+    process = start("eval.py", "--checkpoint", str(crf_checkpoint), "--debug")
+    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
+    workers = children(process.pid)
+    time.sleep(1.0)  # the pool is at work
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 143
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err
+    wait_for(lambda: not any(alive(w) for w in workers), "the workers to end", timeout=5)
+
+
+def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint):
+    process = start("eval.py", "--checkpoint", str(crf_checkpoint), "--debug")
+    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
+    workers = children(process.pid)
+    process.kill()  # SIGKILL: no handler runs, nothing is cleaned up by the dying process
+    process.communicate(timeout=WAIT_S)
+    wait_for(lambda: not any(alive(w) for w in workers), "the orphaned workers to end", timeout=5)
+
+
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                  (signal.SIGHUP, 129, "terminated (SIGHUP)")])
+def test_termination_during_training_exits_with_its_status_and_intact_files(tiny_data, tmp_path, signum, status,
+                                                                            line):
+    options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000, "valid_freq": 2})
+    process = start("run.py", "--opt", str(options), "--debug")
+    last = tmp_path / "output" / "tiny" / "last.pth"
+    wait_for(last.exists, "the first checkpoint")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == status and err.strip().splitlines()[-1] == line and "Traceback" not in err
+    assert load_checkpoint(last)["iter"] >= 2
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers_prints_one_line(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data, dataloader={"num_workers": 2}, train={"epoch": 1000})
+    process = start("run.py", "--opt", str(options), "--debug")
+    wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, tmp_path, monkeypatch):
+    import utils.files
+
+    real_save = torch.save
+
+    def interrupted_save(obj, f):  # Ctrl-C arrives in the middle of the write
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    monkeypatch.setattr(utils.files.torch, "save", interrupted_save)
+    options = tiny_options(tmp_path, tiny_data, train={"valid_freq": 2})
+    assert run_main(run.main, ["--opt", str(options), "--debug"]) == 130
+    best = tmp_path / "output" / "tiny" / "best.pth"  # the first checkpoint written, at iteration 2
+    assert load_checkpoint(best)["iter"] == 2  # complete: the interrupt took effect once it was written
+    assert not list(best.parent.glob(".*.tmp"))
+
+
+def test_a_nohup_run_keeps_ignoring_sighup():
+    import utils.signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with utils.signals.handled():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored afterwards
+    finally:
+        signal.signal(signal.SIGHUP, previous)

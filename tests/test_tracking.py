@@ -1,0 +1,98 @@
+"""wandb without credentials, without network, under Ctrl-C, and which mode wins."""
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import run
+from tests.conftest import tiny_options
+from utils.cli import run_main
+from utils.config import WandbConfig
+from utils.errors import ConfigError
+from utils.tracking import wandb_mode
+
+pytestmark = pytest.mark.usefixtures("shallow_vit")
+
+FAKE_KEY = "0123456789abcdef" * 3  # 48 characters: well-formed, unknown to any server
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    """A home without ~/.netrc and wandb settings, and no key in the environment."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return home
+
+
+@pytest.mark.parametrize("debug, command_line, env, expected", [
+    (True, True, "online", "disabled"),  # --debug disables whatever else says
+    (False, True, "offline", "online"),  # wandb.mode on the command line beats WANDB_MODE
+    (False, False, "offline", "offline"),  # WANDB_MODE beats the option file
+    (False, False, "dryrun", "offline"),  # wandb's older name
+    (False, False, None, "online"),  # the option file
+])
+def test_mode_precedence(monkeypatch, debug, command_line, env, expected):
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert wandb_mode(WandbConfig(mode="online"), disabled=debug, from_command_line=command_line) == expected
+
+
+def test_unknown_wandb_mode_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match=r"WANDB_MODE='sometimes' in the environment: expected one of online"):
+        wandb_mode(WandbConfig(), disabled=False, from_command_line=False)
+
+
+def test_online_without_credentials_stops_before_any_work_with_one_line(tiny_data, tmp_path, no_credentials, capsys):
+    options = tiny_options(tmp_path, tiny_data, wandb={"name": "tiny", "mode": "online"})
+    assert run_main(run.main, ["--opt", str(options)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wandb has no credentials: log in with `wandb login`" in err
+    assert "--debug" in err and "wandb.mode=offline" in err
+    assert not (tmp_path / "output").exists()
+
+
+def test_online_without_network_logs_offline_after_the_timeout(tiny_data, tmp_path, no_credentials, monkeypatch,
+                                                               caplog):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # credentials, but this machine reaches no wandb server
+    options = tiny_options(tmp_path, tiny_data, wandb={"name": "tiny", "mode": "online", "init_timeout": 3})
+    start = time.monotonic()
+    assert run_main(run.main, ["--opt", str(options)]) == 0
+    assert time.monotonic() - start < 60
+    assert "this run logs offline" in caplog.text and "wandb sync" in caplog.text
+    assert list((tmp_path / "output" / "tiny" / "wandb").glob("offline-run-*/*.wandb"))
+
+
+def test_ctrl_c_while_wandb_waits_for_its_server_is_honoured_at_once(tiny_data, tmp_path, no_credentials,
+                                                                     monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    options = tiny_options(tmp_path, tiny_data, wandb={"name": "tiny", "mode": "online", "init_timeout": 120})
+    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        assert run_main(run.main, ["--opt", str(options)]) == 130
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 20
+    wandb_services = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _child_named(p, b"wandb-core")]
+    assert wandb_services == []
+
+
+def _child_named(entry: Path, name: bytes) -> bool:
+    try:
+        parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        return parent == os.getpid() and name in (entry / "cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False

@@ -1,0 +1,101 @@
+"""Signals that end a program: Ctrl-C (SIGINT), SIGTERM and SIGHUP all stop it the same way, and a critical
+section (writing a checkpoint) holds them off until it is done.
+
+SIGTERM is what ``kill``, ``timeout``, SLURM's ``scancel`` and ``docker stop`` send; SIGHUP comes when the terminal
+closes. Python's default for both is to die at once, skipping every ``finally`` block, so that worker pools are
+never stopped. Inside ``handled()`` they raise ``Terminated``, a ``KeyboardInterrupt``, so that the code that cleans
+up after Ctrl-C (stopping the CRF pool, the data loaders, wandb) runs for them too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Iterator, Optional
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+DEFERRABLE = (signal.SIGINT, *TERMINATING)
+_received: Optional[int] = None  # the last signal that asked this process to stop
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: the program stops as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    global _received
+    _received = signum
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """In the block, Ctrl-C raises KeyboardInterrupt and SIGTERM or SIGHUP raise ``Terminated`` in the main thread;
+    the previous handlers come back afterwards.
+
+    A signal this process was told to ignore stays ignored (``nohup`` ignores SIGHUP, a shell's background job
+    SIGINT)."""
+    global _received
+    _received = None
+    previous = {signum: signal.getsignal(signum) for signum in DEFERRABLE}
+    for signum, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(signum, _interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def signal_of(err: KeyboardInterrupt) -> int:
+    """The signal behind a KeyboardInterrupt: its own for ``Terminated``, else the one received, else SIGINT."""
+    if isinstance(err, Terminated):
+        return err.signum
+    return _received or signal.SIGINT
+
+
+def received() -> Optional[int]:
+    """The signal that asked the process to stop, if one did (its exception may have been replaced on the way)."""
+    return _received
+
+
+def exit_status(signum: int) -> int:
+    """128 + the signal number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold off Ctrl-C, SIGTERM and SIGHUP in the block: one that arrives meanwhile takes effect when it ends.
+
+    Used around writing a file, which an exception in the middle would leave half-written (torch's writer even turns
+    a KeyboardInterrupt into a RuntimeError). Outside the main thread, where handlers cannot be changed, a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in DEFERRABLE}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            _deliver(pending[0], previous[pending[0]])
+
+
+def _deliver(signum: int, handler: object) -> None:
+    """Act on a held-off signal as its handler would have."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
