@@ -25,6 +25,7 @@ from dataset.build import FIVE_CROP_TYPES, MODES, cropped_samples, five_crop_dir
 from dataset.classes import CROPPED_OFFSET
 from utils.config import DatasetConfig
 from utils.errors import DataError
+from utils.signals import worker_process_setup
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ def _save(image: Image.Image, path: Path, image_format: str, **options: Any) -> 
 _worker_cropper: Optional[_Cropper] = None  # set in each worker process by _init_worker
 
 
-def _init_worker(cropper: _Cropper) -> None:
+def _init_worker(cropper: _Cropper, parent: int) -> None:
     global _worker_cropper
+    worker_process_setup(parent)  # the pool's owner stops the workers on Ctrl-C; a dead owner, themselves
     _worker_cropper = cropper
 
 
@@ -120,7 +122,7 @@ def _run(cropper: _Cropper, pending: list[int], num_workers: int, desc: str) -> 
                 cropper(index)
                 bar.update()
             return
-        with multiprocessing.get_context().Pool(num_workers, _init_worker, (cropper,)) as pool:
+        with multiprocessing.get_context().Pool(num_workers, _init_worker, (cropper, os.getpid())) as pool:
             for _ in pool.imap_unordered(_crop_in_worker, pending, chunksize=WORKER_CHUNK):
                 bar.update()
 

@@ -1,8 +1,9 @@
 """Data loaders for training and evaluation, and the epoch sampler that makes training order reproducible."""
 from __future__ import annotations
 
+import functools
+import os
 import random
-import signal
 from typing import Iterator, Optional
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.config import DataloaderConfig
+from utils.signals import worker_process_setup
 
 
 class EpochSampler(Sampler[int]):
@@ -42,14 +44,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch  # distinct streams per (seed, epoch)
 
 
-def _init_worker(worker_id: int) -> None:
-    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker), and leave
-    Ctrl-C to the main process: it reaches the whole process group, and the main process stops the workers (torch
-    also ends a worker whose main process died)."""
+def _init_worker(worker_id: int, parent: int) -> None:
+    """Seed numpy and python in a data-loader worker from its torch seed (torch seeds itself per worker); leave
+    Ctrl-C to the main process, which stops the workers, and end when it is gone."""
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_process_setup(parent)
 
 
 def make_loader(dataset: Dataset, cfg: DataloaderConfig, seed: int, device: torch.device,
@@ -59,4 +60,4 @@ def make_loader(dataset: Dataset, cfg: DataloaderConfig, seed: int, device: torc
     workers = cfg.num_workers
     return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed))
+                      worker_init_fn=functools.partial(_init_worker, parent=os.getpid()), generator=torch.Generator().manual_seed(seed))

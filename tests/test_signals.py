@@ -164,3 +164,18 @@ def test_a_nohup_run_keeps_ignoring_sighup():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored afterwards
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback():
+    script = ("import multiprocessing, os, time\n"
+              "from dataset.crop import _init_worker\n"
+              "pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process.stdout.readline()
+    time.sleep(0.5)  # the workers wait for tasks
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=WAIT_S)
+    assert "ForkPoolWorker" not in err  # a worker that took Ctrl-C prints "Process ForkPoolWorker-1: Traceback"

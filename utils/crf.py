@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
-import threading
-import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Hashable, Iterator, Literal, Optional
@@ -39,6 +36,8 @@ from typing import Hashable, Iterator, Literal, Optional
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
+
+from utils.signals import worker_process_setup
 
 CRF_MAX_ITER = 10  # mean-field iterations: MAX_ITER in STEGO's crf.py, as in PPAP
 CRF_POS_XY_STD = 1  # Gaussian (smoothness) kernel, spatial std in pixels: POS_XY_STD in STEGO
@@ -50,7 +49,6 @@ CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
 START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
 IN_FLIGHT_PER_WORKER = 2  # one task running and one queued, so that a worker never waits for the caller
 WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # one thread per worker
-PARENT_POLL_S = 1.0  # a worker whose caller died ends within this many seconds
 
 Output = Literal["labels", "probs"]
 OUTPUTS = ("labels", "probs")
@@ -125,23 +123,13 @@ def _refine(image: np.ndarray, scores: np.ndarray, output: Output) -> np.ndarray
 
 
 def _init_worker(caller: int) -> None:
-    # Ctrl-C in a terminal reaches the whole process group; the caller's context manager stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A caller that dies without stopping us (SIGKILL, a crash) leaves us to the init process: end then.
-    # (``caller`` is the caller's pid: it may be dead already while this worker was starting.)
-    threading.Thread(target=_exit_with_parent, args=(caller,), daemon=True).start()
+    worker_process_setup(caller)  # the caller's context manager stops the workers; a dead caller, themselves
     # The CRF is single-threaded; keep libraries that start thread pools later (OpenMP, MKL) at one thread each.
     for name in WORKER_THREAD_ENV:
         os.environ[name] = "1"
     torch = sys.modules.get("torch")  # imported when the caller's main module imports it (spawn re-imports it)
     if torch is not None:
         torch.set_num_threads(1)
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(1)
 
 
 def usable_cores() -> int:

@@ -12,9 +12,11 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Iterator, Optional
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+PARENT_POLL_S = 1.0  # a worker process whose parent died ends within this many seconds
 DEFERRABLE = (signal.SIGINT, *TERMINATING)
 _received: Optional[int] = None  # the last signal that asked this process to stop
 
@@ -99,3 +101,21 @@ def _deliver(signum: int, handler: object) -> None:
         handler(signum, None)
     elif handler == signal.SIG_DFL:
         os.kill(os.getpid(), signum)
+
+
+def worker_process_setup(parent: int) -> None:
+    """Call first in a worker process (a pool's initializer): leave Ctrl-C to ``parent``, and end within about a
+    second once ``parent`` is gone, however it ended.
+
+    A terminal sends Ctrl-C to every process of the job; the parent stops its workers itself, so workers that also
+    raised KeyboardInterrupt would only print tracebacks. A parent killed with SIGKILL stops nothing: its workers
+    would wait for work forever, adopted by the init process. ``parent`` is the parent's pid as the parent knew it
+    (it may be dead already while the worker starts)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
