@@ -163,5 +163,9 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.load(index)
-        img, label_t = self.transform(image, label)
+        try:
+            img, label_t = self.transform(image, label)
+        except Image.DecompressionBombError as err:  # the resize to the configured resolution made it too large
+            raise DataError(f"{self.samples[index].image}: resized to {self.transform.res} px, {err} Lower "
+                            f"dataset.res") from None
         return {"ind": index, "img": img, "label": label_t}

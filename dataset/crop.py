@@ -54,8 +54,10 @@ def write_five_crops(cfg: DatasetConfig, num_workers: int = 0) -> list[CropRepor
     for mode in MODES:
         source = source_dataset(cfg, mode)
         cropper = _Cropper(source, cfg.crop_ratio, root / "img" / mode, root / "label" / mode)
-        cropper.image_dir.mkdir(parents=True, exist_ok=True)
-        cropper.label_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (cropper.image_dir, cropper.label_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            for partial in folder.glob(".*.partial"):  # a crop an interrupted run was writing
+                partial.unlink()
         pending = cropper.pending()
         if pending:
             _run(cropper, pending, num_workers, desc=f"five-crop {cfg.data_type} {mode}")

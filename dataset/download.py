@@ -42,6 +42,8 @@ def download_datasets(data_path: Union[str, Path], names: Sequence[str] = DOWNLO
     if unknown:
         raise DataError(f"unknown dataset(s) {', '.join(unknown)}: choose from {', '.join(DOWNLOAD_NAMES)}")
     root = Path(data_path)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data_path {root} is a file; give the folder that receives the datasets")
     root.mkdir(parents=True, exist_ok=True)
     folders = []
     for name in names:

@@ -101,19 +101,19 @@ def check_fits(ckpt: Mapping[str, Any], cfg: ModelConfig, n_classes: int, source
     backbone = {k[len("model."):]: v for k, v in net.items() if k.startswith("model.")}
     found = describe_vit_state_dict(backbone)
     if found is not None and found != wanted:
-        raise WeightsError(f"{source}: the checkpoint holds a {found} backbone; the option file asks for {wanted} "
+        raise WeightsError(f"{source}: the checkpoint holds a {found} backbone; the options ask for {wanted} "
                            f"(model.pretrained.model_type / dino_patch_size)")
     clusters = ckpt["cluster_model_state_dict"].get("clusters")
     n_clusters = n_classes + cfg.extra_clusters
     if clusters is not None and tuple(clusters.shape) != (n_clusters, cfg.dim):
         raise WeightsError(
             f"{source}: the checkpoint has {clusters.shape[0]} cluster centroids of width {clusters.shape[1]}; the "
-            f"option file asks for {n_clusters} ({n_classes} classes + {cfg.extra_clusters} extra_clusters) of width "
+            f"options ask for {n_clusters} ({n_classes} classes + {cfg.extra_clusters} extra_clusters) of width "
             f"{cfg.dim} ({cfg.pretrained.model_type})")
     weight = ckpt["linear_model_state_dict"].get("weight")
     if weight is not None and tuple(weight.shape[:2]) != (n_classes, cfg.dim):
         raise WeightsError(f"{source}: the checkpoint's linear probe has {weight.shape[0]} classes of width "
-                           f"{weight.shape[1]}; the dataset has {n_classes} classes and the option file width {cfg.dim}")
+                           f"{weight.shape[1]}; the dataset has {n_classes} classes and the options width {cfg.dim}")
 
 
 def networks_from_checkpoint(ckpt: Mapping[str, Any], cfg: ModelConfig, n_classes: int,

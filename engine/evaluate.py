@@ -34,9 +34,10 @@ from utils.config import Config, EvalConfig, config_from_dict, config_to_dict
 from utils.crf import CRFPool
 from utils.device import autocast
 from utils.errors import ConfigError, WeightsError
-from utils.files import to_json
+from utils.files import to_json, write_text_atomically
 from utils.image import denormalize_to_uint8
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
+from utils import signals
 from utils.tracking import Tracker
 from utils.visualize import save_segmentation_grid
 
@@ -109,6 +110,7 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
     try:
         with pool, crf_bar:
             for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+                signals.check()  # a stop signal that arrived while the loader or the pool started workers
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
                 with autocast(device, precision):
@@ -191,7 +193,7 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
     paths = {"report": out_dir / f"{prefix}eval_report.json",
              "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png"}
-    paths["report"].write_text(to_json(report, indent=2) + "\n")
+    write_text_atomically(paths["report"], to_json(report, indent=2) + "\n")
     plot_confusion_matrix(evaluation.no_crf.cluster, class_names, paths["confusion_matrix"])
     if evaluation.examples:
         paths["visualization"] = out_dir / f"{prefix}visualization.png"

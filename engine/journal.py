@@ -6,7 +6,6 @@ log.jsonl (the name the code uses), its wandb name and its console format.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
@@ -15,7 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.evaluate import METRIC_NAMES, Evaluation, save_report
-from utils.files import to_json
+from utils.errors import OutputError
+from utils.files import to_json, write_text_atomically
 from utils.tracking import Tracker
 
 
@@ -47,12 +47,16 @@ class Journal:
     """Writes the run's events to the console, ``log.jsonl`` (appended to on resume) and wandb."""
 
     def __init__(self, path: Path, tracker: Tracker) -> None:
+        self.path = path
         self.file = path.open("a", encoding="utf-8")
         self.tracker = tracker
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(to_json(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(to_json(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: name the file (the error of a write on an open file does not)
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def train_line(self, stats: Mapping[str, float]) -> None:
         """``stats``: a value for every key of ``TRAIN_FIELDS``."""
@@ -90,6 +94,4 @@ def trim_log(path: Path, iteration: int) -> None:
             continue
         if isinstance(record, dict) and record.get("iter", 0) <= iteration:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.trim")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))

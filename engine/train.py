@@ -38,7 +38,8 @@ from model import build_model
 from utils.config import Config, OptimConfig, OptimizerConfig, config_to_dict
 from utils.device import autocast, grad_scaler, make_fabric, resolve_device, resolve_precision
 from utils.errors import ConfigError, DataError, UserError
-from utils.files import FolderLock, remove_temporaries, save_atomically, to_json
+from utils.files import FolderLock, remove_temporaries, save_atomically, to_json, write_text_atomically
+from utils import signals
 from utils.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
         log.info("removed %s, an unfinished checkpoint of an interrupted run", path)
     # the log goes on from the checkpoint (a new run: from nothing, dropping what a run that saved nothing logged)
     trim_log(run_dir / LOG_FILE, run.progress.iteration)
-    (run_dir / CONFIG_FILE).write_text(to_json(config, indent=2) + "\n")
+    write_text_atomically(run_dir / CONFIG_FILE, to_json(config, indent=2) + "\n")
     return run
 
 
@@ -281,6 +282,7 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
     timer, seen = time.perf_counter(), 0
     batches = tqdm(run.train_loader, desc=f"epoch {epoch}", initial=start, total=n_batches, leave=False, disable=None)
     for i, batch in enumerate(batches, start=start):
+        signals.check()  # a stop signal that arrived while the loader started its workers
         img = batch["img"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         with autocast(device, run.precision):
@@ -329,7 +331,7 @@ def _param_norm(module: nn.Module) -> float:
 
 def validate_and_save(run: Run, journal: Journal) -> None:
     """Score the validation set (no CRF); write best.pth when the score improved, and always last.pth."""
-    progress = run.progress
+    progress, improved = run.progress, False
     if run.validate:
         ev = evaluate(run.net, run.linear, run.cluster, run.val_loader, run.fabric.device, run.precision,
                       run.cfg.eval, run.n_classes, n_examples=VAL_EXAMPLES if journal.tracker.run is not None else 0,
@@ -338,10 +340,12 @@ def validate_and_save(run: Run, journal: Journal) -> None:
         improved = score >= progress.best  # a tie keeps the later weights: best.pth is chosen as the original chose it
         if improved:
             progress.best, progress.best_epoch, progress.best_iter = score, progress.epoch, progress.iteration
-            _save(run, run.run_dir / BEST, journal.tracker)
         journal.validation(progress.epoch, progress.iteration, ev, improved, run.run_dir,
                            class_names(run.cfg.dataset), color_map(run.cfg.dataset))
-    _save(run, run.run_dir / LAST, journal.tracker)
+    with signals.deferred():  # best.pth and last.pth together: an interrupt never leaves one without the other
+        if improved:
+            _save(run, run.run_dir / BEST, journal.tracker)
+        _save(run, run.run_dir / LAST, journal.tracker)
 
 
 def _save(run: Run, path: Path, tracker: Tracker) -> None:
@@ -360,7 +364,7 @@ def final_evaluation(cfg: Config, run_dir: Path, fabric: Fabric, precision: str,
             raise UserError(f"{path} not found; train first (run.py without --test)")
         checkpoints[path.stem] = (path, load_checkpoint(path))
     results = evaluate_and_report(cfg, checkpoints, run_dir, fabric, precision, tracker, step=step).metrics
-    (run_dir / FINAL_METRICS).write_text(to_json(results, indent=2) + "\n")
+    write_text_atomically(run_dir / FINAL_METRICS, to_json(results, indent=2) + "\n")
     print("best.pth is selected with validation labels; last.pth is the label-free choice.")
     return results
 

@@ -327,3 +327,23 @@ def test_optional_wandb_keys_of_the_original_are_accepted(tmp_path):
     data["wandb"].update({"id": "abc123", "notes": "first try", "tags": ["coco", "s8"]})
     cfg = load_config(write(tmp_path, data))
     assert (cfg.wandb.id, cfg.wandb.notes, cfg.wandb.tags) == ("abc123", "first try", ("coco", "s8"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=4294967296", r"seed must be in \[0, 2\*\*32\)"),
+    ("wandb.name=..", r"wandb\.name must be a folder name without '/'"),
+    ("training_coeff.tau=.inf", r"training_coeff\.tau must be a finite number \(got float inf\)"),
+    ("optimizer.net.lr=.nan", r"optimizer\.net\.lr must be a finite number"),
+])
+def test_values_no_run_can_use_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ORIGINAL / "cocostuff8.json", [override])
+
+
+def test_a_bad_value_in_a_base_file_is_blamed_on_the_base_file(tmp_path):
+    data = original()
+    data["train"]["epoch"] = "many"
+    base = write(tmp_path, data, "base.json")
+    child = write(tmp_path, {"base": "base.json", "seed": 3}, "child.json")
+    with pytest.raises(ConfigError, match=rf"^{base}: train\.epoch must be an integer"):
+        load_config(child)

@@ -1,4 +1,7 @@
 import multiprocessing
+import os
+import struct
+import threading
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -155,6 +158,19 @@ def test_a_killed_worker_raises_instead_of_hanging():
             next(iter(new_children(before))).kill()
             list(pool.results())
     assert new_children(before) == set()
+
+
+def test_terminate_returns_when_a_killed_worker_left_half_a_result_in_the_pipe():
+    pool = CRFPool(1)
+    image, scores = random_inputs(1)[0]
+    pool.submit(0, image, scores)
+    list(pool.results())  # the pool's manager thread is running and waits for results
+    writer = pool._executor._result_queue._writer
+    os.write(writer.fileno(), struct.pack("!i", 1000) + b"x" * 10)  # a message of 1000 bytes, cut after 10
+    done = threading.Thread(target=pool.terminate, daemon=True)
+    done.start()
+    done.join(timeout=20)
+    assert not done.is_alive()
 
 
 def test_no_workers_setting_means_the_usable_cores():

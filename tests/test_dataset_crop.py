@@ -135,3 +135,12 @@ def test_script_reports_a_missing_dataset_in_one_line_with_status_2(tmp_path, ca
     status = run_main(crop_main, ["--opt", str(_option_file(tmp_path, str(tmp_path / "nowhere")))])
     err = capsys.readouterr().err
     assert (status, err.count("\n"), "nowhere not found" in err) == (2, 1, True)
+
+
+def test_a_crop_an_interrupted_run_was_writing_is_removed_on_the_next_run(coco):
+    write_five_crops(_cfg(coco))
+    folder = five_crop_dir(_cfg(coco)) / "img" / "train"
+    partial = folder / ".3.jpg.partial"
+    partial.write_bytes(b"half a jpeg")
+    write_five_crops(_cfg(coco))
+    assert not partial.exists()

@@ -160,3 +160,9 @@ def test_script_reports_a_network_failure_in_one_line_with_status_2(tmp_path):
     result = subprocess.run([sys.executable, "dataset/dataset_download.py", "--data_path", str(tmp_path), "potsdam",
                              "--base_url", _closed_port_url()], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.count("\n"), "cannot reach" in result.stderr) == (2, 1, True)
+
+
+def test_data_path_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(DataError, match=r"--data_path .*data is a file; give the folder"):
+        download_datasets(tmp_path / "data", ["potsdam"])

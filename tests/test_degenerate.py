@@ -131,3 +131,43 @@ def test_run_folder_without_ckpt_pth_points_at_its_checkpoints(tmp_path):
     with pytest.raises(WeightsError, match=r"holds no ckpt\.pth .*; it holds best\.pth, last\.pth: pass one with "
                                            r"--checkpoint .*last\.pth"):
         checkpoint_path(None, str(tmp_path))
+
+
+def test_resizing_beyond_the_decompression_bomb_limit_names_dataset_res(tiny_data, monkeypatch):
+    dataset = build_dataset(DatasetConfig(data_type="directory", data_path=str(tiny_data), n_classes=3, res=256),
+                            "train")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the 48 x 64 files open; 256 x 341 is too large
+    with pytest.raises(DataError, match=r"resized to 256 px, .* Lower dataset\.res"):
+        dataset[0]
+
+
+def test_a_device_given_as_checkpoint_is_named_as_such():
+    with pytest.raises(WeightsError, match=r"/dev/null is not a regular file \(a device or a pipe\)"):
+        read_torch_file("/dev/null")
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_without_torch_s_advice(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({"net_model_state_dict": Path("x")}, path)
+    with pytest.raises(WeightsError) as err:
+        read_torch_file(path)
+    assert "holds Python objects other than tensors" in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_a_full_disk_while_writing_a_report_names_the_file_and_leaves_no_empty_one(tiny_data, tmp_path, monkeypatch,
+                                                                                 capsys):
+    options = tiny_options(tmp_path, tiny_data)
+    assert run_main(run.main, ["--opt", str(options), "--debug"]) == 0
+    import utils.metrics
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.metrics.Figure, "savefig", full_disk)
+    out = tmp_path / "report"
+    status = run_main(eval_script.main, ["--checkpoint", str(tmp_path / "output" / "tiny" / "last.pth"), "--debug",
+                                         "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"cannot write {out / 'confusion_matrix.png'}: No space left on device" in err
+    assert sorted(p.name for p in out.iterdir()) == ["eval_report.json"]  # complete; no empty picture

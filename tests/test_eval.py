@@ -90,7 +90,7 @@ def test_mismatched_option_file_is_refused_naming_the_difference(released, capsy
                                          "eval.extra_clusters=2"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
-    assert "the checkpoint has 3 cluster centroids of width 192; the option file asks for 5 (3 classes + 2 " \
+    assert "the checkpoint has 3 cluster centroids of width 192; the options ask for 5 (3 classes + 2 " \
            "extra_clusters) of width 192 (vit_tiny)" in err
 
 
@@ -99,7 +99,7 @@ def test_other_backbone_is_refused(released, capsys):
     status = run_main(eval_script.main, ["--opt", str(options), "--debug", "model.pretrained.model_type=vit_small",
                                          "model.dim=384"])
     assert status == 2
-    assert "holds a vit_tiny/16 backbone; the option file asks for vit_small/16" in capsys.readouterr().err
+    assert "holds a vit_tiny/16 backbone; the options ask for vit_small/16" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_named(released, capsys):

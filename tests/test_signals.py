@@ -89,15 +89,18 @@ def crf_workers_of(pid: int) -> list[int]:
     return [c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_sigterm_during_crf_ends_eval_with_143_and_no_worker_left(crf_checkpoint):
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False),  # kill, timeout
+                                             (signal.SIGHUP, True)])  # the terminal closes: the whole job
+def test_termination_during_crf_ends_eval_with_one_line_and_no_worker_left(crf_checkpoint, signum, to_group):
     process = start("eval.py", "--checkpoint", str(crf_checkpoint), "--debug")
     wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
     workers = children(process.pid)
     time.sleep(1.0)  # the pool is at work
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
     _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 143
-    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == f"terminated ({name})" and "Traceback" not in err, err
     wait_for(lambda: not any(alive(w) for w in workers), "the workers to end", timeout=5)
 
 
@@ -148,9 +151,9 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, t
     monkeypatch.setattr(utils.files.torch, "save", interrupted_save)
     options = tiny_options(tmp_path, tiny_data, train={"valid_freq": 2})
     assert run_main(run.main, ["--opt", str(options), "--debug"]) == 130
-    best = tmp_path / "output" / "tiny" / "best.pth"  # the first checkpoint written, at iteration 2
-    assert load_checkpoint(best)["iter"] == 2  # complete: the interrupt took effect once it was written
-    assert not list(best.parent.glob(".*.tmp"))
+    run_dir = tmp_path / "output" / "tiny"  # the interrupt came while best.pth, the first checkpoint, was written
+    assert load_checkpoint(run_dir / "best.pth")["iter"] == load_checkpoint(run_dir / "last.pth")["iter"] == 2
+    assert not list(run_dir.glob(".*.tmp"))  # complete: the interrupt took effect once both were written
 
 
 def test_a_nohup_run_keeps_ignoring_sighup():
@@ -179,3 +182,46 @@ def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback():
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=WAIT_S)
     assert "ForkPoolWorker" not in err  # a worker that took Ctrl-C prints "Process ForkPoolWorker-1: Traceback"
+
+
+class _LostSignal:
+    """Sends SIGTERM to this process from a finalizer: the handler's exception is raised there, where Python ignores
+    exceptions, as it does while data-loader workers are forked."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # bytecodes for the handler to run on, still inside the finalizer
+            pass
+
+
+def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tiny_data, tmp_path, monkeypatch, capsys):
+    from dataset import EpochSampler
+
+    original_iter = EpochSampler.__iter__
+
+    def iter_with_a_lost_signal(self):
+        _LostSignal()  # made and finalized at once
+        return original_iter(self)
+
+    monkeypatch.setattr(EpochSampler, "__iter__", iter_with_a_lost_signal)
+    options = tiny_options(tmp_path, tiny_data, train={"epoch": 3})
+    assert run_main(run.main, ["--opt", str(options), "--debug"]) == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Exception ignored" not in err
+
+
+def test_terminating_a_busy_forked_pool_prints_no_worker_traceback():
+    script = ("import multiprocessing, os, time\n"
+              "from dataset.crop import _init_worker\n"
+              "from utils import signals\n"
+              "def busy(i):\n"
+              "    end = time.time() + 3\n"
+              "    while time.time() < end:\n"
+              "        sum(range(1000))\n"
+              "with signals.handled():  # the handlers a forked worker inherits, as under run_main\n"
+              "    pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))\n"
+              "    pool.map_async(busy, range(4))\n"
+              "    time.sleep(0.7)\n"
+              "    pool.terminate()  # SIGTERM to the busy workers, as a pool's exit sends it\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

@@ -12,6 +12,7 @@ from utils import signals
 from utils.errors import UserError
 
 EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
+OUR_PACKAGES = ("engine", "model", "loss", "dataset", "utils")
 
 
 def base_parser(description: str, opt_required: bool = True) -> argparse.ArgumentParser:
@@ -65,7 +66,10 @@ def one_line(err: BaseException) -> str:
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Call ``main(argv)`` and turn how it ended into one line on stderr and an exit status: a ``UserError`` or a
     filesystem error (a folder that cannot be created, a full disk) 2; Ctrl-C 130, SIGTERM 143, SIGHUP 129."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own messages from INFO up; other libraries' (torch logs statistics at exit) from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)
     with signals.handled():
         try:
             return main(argv)

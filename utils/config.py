@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class WandbConfig:
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", WANDB_MODES)
         _require(self.init_timeout > 0, "init_timeout", f"must be > 0 seconds (got {self.init_timeout})")
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/' (got {self.name!r})")
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                 f"must be a folder name without '/' (it names the run directory; got {self.name!r})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,7 +259,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(all(i >= 0 for i in self.gpu_ids), "gpu_ids", f"must be GPU indices >= 0 (got {list(self.gpu_ids)})")
-        _require(self.seed >= 0, "seed", f"must be >= 0 (got {self.seed})")
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy's seeds; got {self.seed})")
         device = self.device
         _require(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
                  "device", f"must be auto, cpu, cuda or cuda:N (got {device!r})")
@@ -275,18 +277,20 @@ def load_config(path: Union[str, Path], overrides: Sequence[Union[str, tuple[str
     ``overrides`` holds ``"dotted.key=value"`` strings (values parsed by OmegaConf: numbers, true/false,
     null, lists) or ``(dotted.key, value)`` pairs whose value is taken as it is.
     """
-    return config_from_dict(_read_with_bases(Path(path), chain=()), source=str(path), overrides=overrides)
+    raw, owners = _read_with_bases(Path(path), chain=())
+    return config_from_dict(raw, source=str(path), overrides=overrides, owners=owners)
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str,
-                     overrides: Sequence[Union[str, tuple[str, Any]]] = ()) -> Config:
+def config_from_dict(raw: Mapping[str, Any], source: str, overrides: Sequence[Union[str, tuple[str, Any]]] = (),
+                     owners: Optional[Mapping[str, str]] = None) -> Config:
     """Build a validated ``Config`` from a plain dict (an option file's content or a saved resolved config) and
-    ``overrides`` (as ``load_config`` takes them). A message about a value names where it came from: ``source``,
-    or the override that set it."""
+    ``overrides`` (as ``load_config`` takes them). A message about a value names where it came from: the override
+    that set it, else the file that set it (``owners``: dotted key -> file, for option files with bases), else
+    ``source``."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
     raw, origins = _apply_overrides(raw, overrides)
-    return _build(Config, raw, prefix="", source=_Source(source, origins))
+    return _build(Config, raw, prefix="", source=_Source(source, {**(owners or {}), **origins}))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -296,13 +300,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where the options come from: a file (or checkpoint), except the keys that overrides set."""
+    """Where the options come from: a file (or checkpoint), except the keys that base files or overrides set."""
 
     name: str
-    overrides: Mapping[str, str]  # dotted key -> the override that set it, as messages show it
+    origins: Mapping[str, str]  # dotted key -> the base file or the override that set it, as messages show it
 
     def of(self, key: str) -> str:
-        return self.overrides.get(key, self.name)
+        """Where ``key`` (or, for a section, its first key) was set."""
+        if key in self.origins:
+            return self.origins[key]
+        return next((origin for k, origin in self.origins.items() if k.startswith(key + ".")), self.name)
 
 
 def _apply_overrides(raw: Mapping[str, Any],
@@ -359,11 +366,13 @@ def _check_key_path(key: str, shown: str) -> None:
         cls = get_type_hints(cls)[part]
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The option file merged over its base files, and for each dotted key the file that set it."""
     raw = _read_json(path)
     base = raw.pop(BASE_KEY, None)
+    owners = dict.fromkeys(_dotted_keys(raw), str(path))
     if base is None:
-        return raw
+        return raw, owners
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: \"{BASE_KEY}\" must name another option file (got {base!r})")
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
@@ -373,9 +382,16 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not base_path.exists():
         raise ConfigError(f"{path}: \"{BASE_KEY}\": {base} not found (looked for {base_path}; a relative base is "
                           f"read from the folder of the file that names it)")
-    parent = _read_with_bases(base_path, chain + (path.resolve(),))
+    parent, parent_owners = _read_with_bases(base_path, chain + (path.resolve(),))
     merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
-    return OmegaConf.to_container(merged, resolve=False)
+    return OmegaConf.to_container(merged, resolve=False), {**parent_owners, **owners}
+
+
+def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [f"{prefix}{key}"]
+    return keys
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -410,7 +426,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str, source: _Source) -> A
     walked = prefix.rstrip(".").split(".") if prefix else []
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{source.name}: unknown key {prefix}{key}{_suggest(key, fields, walked)}")
+            raise ConfigError(f"{source.of(prefix + key)}: unknown key {prefix}{key}{_suggest(key, fields, walked)}")
     values = {}
     for name, f in fields.items():
         if name in raw:
@@ -450,8 +466,10 @@ def _convert(value: Any, tp: Any, key: str, source: _Source) -> Any:
         raise ConfigError(f"{source.of(key)}: {key} must be an integer (got {_shown(value)})")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{source.of(key)}: {key} must be a number (got {_shown(value)})")
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+            if math.isfinite(number):
+                return number
+        raise ConfigError(f"{source.of(key)}: {key} must be a finite number (got {_shown(value)})")
     if tp is str:
         if isinstance(value, str):
             return value

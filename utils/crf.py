@@ -27,17 +27,20 @@ worker that dies, is raised in the caller as ``CRFError`` naming the image. At m
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import resource_tracker
 from typing import Hashable, Iterator, Literal, Optional
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from utils.signals import worker_process_setup
+from utils.signals import ignored, worker_process_setup
 
 CRF_MAX_ITER = 10  # mean-field iterations: MAX_ITER in STEGO's crf.py, as in PPAP
 CRF_POS_XY_STD = 1  # Gaussian (smoothness) kernel, spatial std in pixels: POS_XY_STD in STEGO
@@ -47,6 +50,7 @@ CRF_BI_RGB_STD = 3  # bilateral kernel, colour std in uint8 levels (one for all 
 CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
 
 START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
+WORKER_EXIT_S = 10.0  # a terminated worker is gone long before this; the bound only avoids waiting forever
 IN_FLIGHT_PER_WORKER = 2  # one task running and one queued, so that a worker never waits for the caller
 WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # one thread per worker
 
@@ -132,6 +136,14 @@ def _init_worker(caller: int) -> None:
         torch.set_num_threads(1)
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (which the pool needs) with SIGHUP ignored. A closing terminal sends
+    SIGHUP to every process of the job: a tracker killed by it is relaunched by the caller, which then prints
+    tracebacks about leaked semaphores, while the caller itself stops on SIGHUP anyway."""
+    with ignored(signal.SIGHUP):
+        resource_tracker.ensure_running()
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -174,6 +186,7 @@ class CRFPool:
         self._closed = False
         self._executor: Optional[ProcessPoolExecutor] = None
         if self.workers > 0:
+            _start_resource_tracker()
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(START_METHOD),
                                                  initializer=_init_worker, initargs=(os.getpid(),))
 
@@ -243,8 +256,14 @@ class CRFPool:
         # ProcessPoolExecutor has no public handle on its workers before Python 3.14 (terminate_workers()). Its
         # manager thread sees them die, fails their futures and reaps them: wait for it rather than joining the
         # processes here, which would race with it.
-        for process in list((executor._processes or {}).values()):
+        processes = list((executor._processes or {}).values())
+        for process in processes:
             process.terminate()
+        # A worker killed while it sent a result leaves half a message in the result pipe, and the manager thread
+        # would wait for the rest forever (and shutdown with it). Once every worker is dead, close this process's
+        # end of that pipe too: the manager thread then reads end-of-file, takes the pool as broken and stops.
+        multiprocessing.connection.wait([process.sentinel for process in processes], timeout=WORKER_EXIT_S)
+        executor._result_queue._writer.close()
         executor.shutdown(wait=True, cancel_futures=True)
 
     def _pop(self) -> tuple[Hashable, np.ndarray]:

@@ -1,14 +1,16 @@
-"""Files on disk: torch files written atomically and read safely, JSON without NaN, and exclusive locks on folders.
+"""Files on disk: outputs written atomically, torch files read safely, JSON without NaN, exclusive locks on folders.
 
-A checkpoint is written to a temporary file ``.NAME.XXXXXXXX.tmp`` in the same folder, flushed to disk and renamed
-over the old one, so a kill at any moment leaves either the previous file or the new one, never a truncated file.
-Ctrl-C and SIGTERM are held off while it is written. A kill that cannot be held off (SIGKILL, a power cut) may
+Every output (checkpoints, reports, pictures, config.json) is written to a temporary file ``.NAME.XXXXXXXX.tmp`` in
+the same folder and renamed over the old one, so a kill at any moment leaves either the previous file or the new
+one, never a truncated file; checkpoints are flushed to disk first. Ctrl-C and SIGTERM are held off while a file is
+written. A kill that cannot be held off (SIGKILL, a power cut) may
 leave the temporary file behind: ``remove_temporaries`` removes those, and the program that owns the folder (see
 ``FolderLock``) calls it when it starts. What a PPAP checkpoint holds is engine/checkpoint.py's business.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,7 +22,7 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Iterator, Optional
 
 import torch
 
@@ -29,28 +31,44 @@ from utils.errors import OutputError, WeightsError
 
 TMP_SUFFIX = ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # the names save_atomically gives its temporary files
-FILE_MODE = 0o666  # before the process's umask, as Python's open() creates files
 
 
-def save_atomically(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file, fsync and rename; the file gets the same permissions as
-    every other output (0666 less the umask). A write that fails (a full disk) raises ``OutputError``."""
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the file to: renamed over ``path`` when the block ends, removed if
+    it fails. Ctrl-C and SIGTERM are held off meanwhile; a failed write (a full disk) raises ``OutputError`` naming
+    ``path``. The file gets the permissions every output gets (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     with signals.deferred():
         try:
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
+            yield tmp
             os.replace(tmp, path)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
-            if isinstance(err, (OSError, RuntimeError)):  # torch's writer reports a failed write as RuntimeError
+            if isinstance(err, OSError):
                 raise OutputError(f"cannot write {path}: {_write_failure(err, path.parent)}") from None
             raise
+
+
+def save_atomically(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` through ``atomic_output``, flushed to disk before the rename."""
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        try:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        except RuntimeError as err:  # torch's writer reports a failed write (or an interrupted one) this way
+            raise OutputError(f"cannot write {path}: {_write_failure(err, path.parent)}") from None
     _fsync_dir(path.parent)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write a text file through ``atomic_output``: readers see the old file or the new one, never half of it."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _write_failure(err: BaseException, folder: Path) -> str:
@@ -160,8 +178,10 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{kind} {path} is a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{kind} {path} not found")
+    if not path.is_file():
+        raise WeightsError(f"{kind} {path} is not a regular file (a device or a pipe); pass the file itself")
     if path.stat().st_size == 0:
         raise WeightsError(f"{kind} {path} is empty (0 bytes): an interrupted copy or download?")
     try:
@@ -169,6 +189,9 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except EOFError:
         raise WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)") from None
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as err:
+    except pickle.UnpicklingError:  # torch's advice (weights_only=False) would run whatever code the file holds
+        raise WeightsError(f"cannot read {kind} {path}: it holds Python objects other than tensors and plain "
+                           f"containers, which are not loaded (they could run code); is it a {kind} at all?") from None
+    except (RuntimeError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(f"cannot read {kind} {path}: {first_line}") from None

@@ -37,6 +37,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
+from utils.files import atomic_output
+
 CLUSTER_PREFIX = "Cluster_"  # metric names as the original printed them: Cluster_mIoU, Cluster_Accuracy
 LINEAR_PREFIX = "Linear_"  # Linear_mIoU, Linear_Accuracy
 PERCENT = 100.0
@@ -209,4 +211,5 @@ def plot_confusion_matrix(metric: UnsupervisedMetrics, class_names: Sequence[str
                   fontsize=CM_FONT_SIZE)
     ax.set_ylabel("true class (rows sum to 1)", fontsize=CM_FONT_SIZE)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02).ax.tick_params(labelsize=CM_FONT_SIZE)
-    fig.savefig(path, dpi=CM_DPI, format="png")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=CM_DPI, format="png")

@@ -9,11 +9,13 @@ up after Ctrl-C (stopping the CRF pool, the data loaders, wandb) runs for them t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 PARENT_POLL_S = 1.0  # a worker process whose parent died ends within this many seconds
@@ -50,11 +52,38 @@ def handled() -> Iterator[None]:
     for signum, handler in previous.items():
         if handler != signal.SIG_IGN:
             signal.signal(signum, _interrupt)
+    sys.unraisablehook = functools.partial(_quiet_after_stop, sys.unraisablehook)  # stays for the process's end
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def check() -> None:
+    """Raise now for a stop signal that arrived earlier, in case its exception was lost: Python ignores exceptions
+    raised where it cannot propagate them (while worker processes are forked, in finalizers). Loops call this once
+    per step; when the first exception did propagate, they are not running any more."""
+    if _received is not None:
+        raise KeyboardInterrupt if _received == signal.SIGINT else Terminated(_received)
+
+
+def _quiet_after_stop(hook: Callable[[object], None], unraisable: object) -> None:
+    """``sys.unraisablehook`` (around ``hook``) that is silent once a stop signal arrived: the finalizers of
+    half-stopped worker pools fail then (a worker already ended by the same signal), and their tracebacks would bury
+    the one line that says why the program ends."""
+    if _received is None:
+        hook(unraisable)
+
+
+@contextlib.contextmanager
+def ignored(signum: int) -> Iterator[None]:
+    """Ignore ``signum`` in the block (main thread only); processes started meanwhile inherit the ignoring."""
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 def signal_of(err: KeyboardInterrupt) -> int:
@@ -104,14 +133,16 @@ def _deliver(signum: int, handler: object) -> None:
 
 
 def worker_process_setup(parent: int) -> None:
-    """Call first in a worker process (a pool's initializer): leave Ctrl-C to ``parent``, and end within about a
-    second once ``parent`` is gone, however it ended.
+    """Call first in a worker process (a pool's initializer): leave Ctrl-C to ``parent``, end at once on SIGTERM or
+    SIGHUP, and end within about a second once ``parent`` is gone, however it ended.
 
     A terminal sends Ctrl-C to every process of the job; the parent stops its workers itself, so workers that also
     raised KeyboardInterrupt would only print tracebacks. A parent killed with SIGKILL stops nothing: its workers
     would wait for work forever, adopted by the init process. ``parent`` is the parent's pid as the parent knew it
     (it may be dead already while the worker starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in TERMINATING:  # a forked worker inherits the parent's handlers: SIGTERM from its pool just ends it
+        signal.signal(signum, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 

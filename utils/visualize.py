@@ -10,6 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from utils.files import atomic_output
+
 GRID_DPI = 100
 PANEL_INCHES = 2.5  # one image or label map, margins included
 PANEL_MARGIN_INCHES = 0.05  # white space around each panel
@@ -76,4 +78,5 @@ def save_segmentation_grid(path: Union[str, Path], rows: Sequence[Mapping[str, n
                for name, color in zip(class_names, colors)]
     fig.legend(handles=handles, loc="lower center", ncol=legend_columns(n_cols), fontsize=FONT_SIZE, frameon=False,
                borderaxespad=0.0, handlelength=1.0, columnspacing=0.8)
-    fig.savefig(path, dpi=GRID_DPI, format="png")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=GRID_DPI, format="png")
