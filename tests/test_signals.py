@@ -128,14 +128,16 @@ def test_termination_during_training_exits_with_its_status_and_intact_files(tiny
     assert not list(last.parent.glob(".*.tmp"))
 
 
-def test_ctrl_c_to_the_process_group_with_loader_workers_prints_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "interrupted"),  # a terminal's Ctrl-C
+                                          (signal.SIGTERM, "terminated (SIGTERM)")])  # SLURM's scancel
+def test_a_signal_to_the_whole_job_with_loader_workers_prints_one_line(tiny_data, tmp_path, signum, line):
     options = tiny_options(tmp_path, tiny_data, dataloader={"num_workers": 2}, train={"epoch": 1000})
     process = start("run.py", "--opt", str(options), "--debug")
     wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
-    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    os.killpg(process.pid, signum)  # to every process of the job: the workers get it too
     _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 130
-    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert process.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, tmp_path, monkeypatch):
