@@ -49,9 +49,13 @@ def wait_for(condition, what: str, timeout: float = WAIT_S) -> None:
         time.sleep(0.1)
 
 
+def as_in_a_terminal() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the tests may run under nohup, whose SIG_IGN is inherited
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +173,17 @@ def test_a_nohup_run_keeps_ignoring_sighup():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored afterwards
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf_checkpoint):
+    process = subprocess.Popen([sys.executable, "eval.py", "--checkpoint", str(crf_checkpoint), "--debug"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
+    time.sleep(1.0)  # the pool is at work
+    os.killpg(process.pid, signal.SIGHUP)  # the terminal closes: every process of the job gets it
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 0, err
 
 
 def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback():

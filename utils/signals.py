@@ -142,7 +142,8 @@ def worker_process_setup(parent: int) -> None:
     (it may be dead already while the worker starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in TERMINATING:  # a forked worker inherits the parent's handlers: SIGTERM from its pool just ends it
-        signal.signal(signum, signal.SIG_DFL)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # ignored as its parent ignores it (nohup): so be it
+            signal.signal(signum, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
