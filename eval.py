@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint RUN/last.pth [--data_path DIR] [--out DIR] [--debug] [key=value ...]
     python eval.py --opt json/server/cocostuff8_eval.json [--checkpoint FILE] [--out DIR] [--debug] [key=value ...]
+    torchrun --nproc_per_node=4 eval.py --checkpoint RUN/last.pth      # each process evaluates a share of the images
 
 A checkpoint written by run.py carries its options, so it needs no --opt; a released checkpoint needs the option
 file it was trained with. Without --checkpoint, {output_dir}/{checkpoint}/ckpt.pth of the option file is loaded,
@@ -24,7 +25,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
     from engine.checkpoint import load_checkpoint
     from engine.evaluate import checkpoint_path, config_for_checkpoint, evaluate_and_report
-    from utils.device import make_fabric, resolve_device, resolve_precision
+    from utils.device import resolve_precision
+    from utils.distributed import World, launch
     from utils.tracking import Tracker, require_credentials, wandb_mode
 
     parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.",
@@ -36,14 +38,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = load_checkpoint(path)
     cfg = config_for_checkpoint(cfg, ckpt, overrides_from_args(args), path)
     out_dir = Path(args.out) if args.out else path.parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file; give a folder for the report")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test,
+    fabric = launch(cfg.device, cfg.gpu_ids)  # one process, or this one's place among those torchrun started
+    world = World(fabric)
+    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test or not world.is_main,
                       from_command_line=sets_on_command_line(args, "wandb.mode"))
-    require_credentials(mode)
-    device = resolve_device(cfg.device, cfg.gpu_ids)
-    fabric, precision = make_fabric(device), resolve_precision(cfg.precision, device)
+
+    def prepare_output() -> None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir} is a file; give a folder for the report")
+        if world.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        require_credentials(mode)
+
+    world.agree(prepare_output)
+    precision = resolve_precision(cfg.precision, fabric.device)
     tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode)
     try:
         reports = evaluate_and_report(cfg, {"": (path, ckpt)}, out_dir, fabric, precision, tracker)

@@ -2,6 +2,7 @@
 
     python run.py --opt json/server/cocostuff8.json [--debug] [--resume] [--data_path DIR] [key=value ...]
     python run.py --opt json/server/cocostuff8.json --test      # evaluate the run's best.pth and last.pth again
+    torchrun --nproc_per_node=4 run.py --opt json/server/cocostuff8.json   # data-parallel on 4 GPUs
 
 Exit status: 0 done, 1 training diverged (a non-finite loss), 2 a mistake in the options, data or files.
 """
@@ -19,6 +20,7 @@ from utils.errors import ConfigError
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
     from engine.train import LAST, TrainingDiverged, evaluate_run, train
+    from utils.distributed import World, launch
     from utils.tracking import Tracker, require_credentials, wandb_mode
 
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
@@ -30,26 +32,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "best.pth and last.pth with --test")
     cfg = config_from_args(args)
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
-    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test,
+    fabric = launch(cfg.device, cfg.gpu_ids)  # one process, or this one's place among those torchrun started
+    world = World(fabric)
+    mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test or not world.is_main,
                       from_command_line=sets_on_command_line(args, "wandb.mode"))
-    require_credentials(mode)  # before any work
+    world.agree(lambda: require_credentials(mode))  # before any work
 
     def make_tracker(run_id: Optional[str]) -> Tracker:
         return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode,
                        run_id=run_id)
 
     if args.test:
-        evaluate_run(cfg, run_dir, make_tracker(None))
+        evaluate_run(cfg, run_dir, fabric, make_tracker(None))
         return 0
-    if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS:
+    if world.size > 1 and world.is_main:
+        print(f"data-parallel training on {world.size} processes ({fabric.device.type}): global batch "
+              f"{cfg.dataloader.batch_size} = {world.size} x {cfg.dataloader.batch_size // world.size} images")
+    if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS and world.is_main:
         print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
               "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
               "(pretrained_weights null, or a local file) and real data, e.g. json/server/cocostuff8.json.")
     try:
-        train(cfg, run_dir, make_tracker, resume=args.resume)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        train(cfg, run_dir, fabric, make_tracker, resume=args.resume)
+    except TrainingDiverged as err:  # every process sees the same losses and stops; process 0 says why
+        if world.is_main:
+            print(f"error: {err}", file=sys.stderr)
         return 1
+    if not world.is_main:
+        return 0
     written = [p for p in sorted(run_dir.iterdir()) if p.is_file()]
     print(f"\nwrote into {run_dir}:")
     for path in written:

@@ -11,8 +11,9 @@ Public API:
   names and display colours, available without the data on disk.
 - ``IMAGENET_MEAN``, ``IMAGENET_STD``: the normalisation of ``img`` (to undo it for display or the CRF).
 - ``ensure_demo_data(data_path, seed)``: generates the synthetic demo set (data_type "demo") if absent.
-- ``make_loader(dataset, cfg.dataloader, seed, device, ...)`` and ``EpochSampler``: the data loaders of training
-  and evaluation, and the per-epoch order that resume depends on.
+- ``make_loader(dataset, cfg.dataloader, seed, device, ...)``, ``EpochSampler`` and ``SeededSamples``: the data
+  loaders of training and evaluation, and the per-epoch order (split across data-parallel processes) that resume
+  depends on.
 
 Every problem with the data on disk raises ``utils.errors.DataError`` with the path and the expected layout.
 """
@@ -20,11 +21,11 @@ from dataset.base import SegmentationDataset
 from dataset.build import build_dataset, five_crop_dir, require_labels, source_dataset, uses_five_crop
 from dataset.classes import IGNORE, class_names, color_map, n_classes
 from dataset.demo import ensure_demo_data
-from dataset.loader import EpochSampler, make_loader
+from dataset.loader import EpochSampler, SeededSamples, make_loader
 from dataset.transforms import EVAL_RES, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "EVAL_RES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "EpochSampler", "SegmentationDataset", "build_dataset",
+    "EVAL_RES", "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "EpochSampler", "SeededSamples", "SegmentationDataset", "build_dataset",
     "class_names", "color_map", "ensure_demo_data", "five_crop_dir", "make_loader", "n_classes", "require_labels",
     "source_dataset", "uses_five_crop",
 ]

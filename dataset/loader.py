@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import random
-from typing import Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -14,15 +14,24 @@ from utils.config import DataloaderConfig
 from utils.signals import worker_process_setup
 
 
-class EpochSampler(Sampler[int]):
-    """A fresh permutation per epoch, from (seed, epoch) alone, that can start at any batch of the epoch.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A fresh permutation per epoch, from (seed, epoch) alone, that can start at any batch of the epoch, split
+    into the parts of the data-parallel processes.
 
-    This is what makes resume exact: the data order of an epoch does not depend on how the run got there. Only
-    whole batches are yielded (the last incomplete one is dropped), so every iteration sees ``batch_size`` images.
+    This is what makes resume exact and the processes' number irrelevant: the data order of an epoch depends on
+    nothing else. ``batch_size`` is the global batch; process ``rank`` of ``world_size`` takes images
+    ``[rank * b, (rank + 1) * b)`` of every global batch (``b = batch_size / world_size``), so the global batch,
+    the processes' parts put together in rank order, is what one process would take. Only whole batches are
+    yielded (the last incomplete one is dropped). Each item is ``(index, sample_seed)``: ``SeededSamples`` draws
+    the random transform of the image (a random crop) from its seed, which is fixed by the image's position in
+    the epoch, so the crops do not depend on the data-loader workers or the processes either.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not a multiple of {world_size} processes")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.local_batch_size = rank, batch_size // world_size
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -31,13 +40,35 @@ class EpochSampler(Sampler[int]):
     def batches_per_epoch(self) -> int:
         return self.n // self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch)))
-        start, stop = self.start_batch * self.batch_size, self.batches_per_epoch() * self.batch_size
-        return iter(order[start:stop].tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=generator)
+        sample_seeds = torch.randint(2**62, (self.n,), generator=generator)  # by position in the epoch
+        first = self.rank * self.local_batch_size
+        positions = torch.arange(self.start_batch, self.batches_per_epoch())[:, None] * self.batch_size + \
+            torch.arange(first, first + self.local_batch_size)
+        positions = positions.reshape(-1)
+        return iter(zip(order[positions].tolist(), sample_seeds[positions].tolist()))
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
+        return (self.batches_per_epoch() - self.start_batch) * self.local_batch_size
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with torch's CPU random stream seeded by ``sample_seed`` for the call (and restored after
+    it): the items of an ``EpochSampler``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, sample_seed = key
+        with torch.random.fork_rng(devices=[]):  # the CPU stream only; a CUDA stream is never touched here
+            torch.default_generator.manual_seed(sample_seed)
+            return self.dataset[index]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -54,9 +85,10 @@ def _init_worker(worker_id: int, parent: int) -> None:
 
 
 def make_loader(dataset: Dataset, cfg: DataloaderConfig, seed: int, device: torch.device,
-                batch_size: Optional[int] = None, sampler: Optional[Sampler] = None) -> DataLoader:
-    """A seeded loader in ``sampler``'s order (default: the dataset's order), pinned on CUDA, with persistent
-    workers; ``batch_size`` defaults to ``cfg.batch_size``."""
+                batch_size: Optional[int] = None, sampler: Optional[Iterable] = None) -> DataLoader:
+    """A seeded loader in ``sampler``'s order (default: the dataset's order; a ``range`` takes a process's
+    share of it), pinned on CUDA, with persistent workers; ``batch_size`` defaults to ``cfg.batch_size``.
+    With an ``EpochSampler``, pass ``SeededSamples(dataset)`` and the sampler's ``local_batch_size``."""
     workers = cfg.num_workers
     return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,

@@ -10,6 +10,10 @@ evaluation of saved checkpoints, behind eval.py, the end of a training run and `
 - ``eval.is_direct``: the cluster probe takes the code itself as its similarities.
 The original ran the network twice (once without, once with CRF); here one pass feeds both: the CRF runs in
 worker processes on the images of earlier batches while the network computes the next one.
+
+Data-parallel (``torchrun``): each process evaluates its contiguous share of the images (every image once, no
+padding), with its own CRF pool; the confusion matrices are summed over the processes when the metrics are computed,
+so the metrics are those of one process; process 0 prints, writes the reports and logs to wandb.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from engine.checkpoint import config_differences, networks_from_checkpoint
 from utils.config import Config, EvalConfig, config_from_dict, config_to_dict
 from utils.crf import CRFPool
 from utils.device import autocast
+from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, WeightsError
 from utils.files import to_json, write_text_atomically
 from utils.image import denormalize_to_uint8
@@ -79,7 +84,7 @@ class Scores:
 class Evaluation:
     no_crf: Scores
     crf: Optional[Scores]
-    loss: float  # mean cluster-probe loss, the original's validation loss
+    loss: float  # the cluster probe's loss, mean over the images (the original's validation loss averaged the batches)
     n_images: int
     examples: list[dict[str, np.ndarray]]  # the first images with their predictions, for visualisation
 
@@ -94,22 +99,26 @@ class Evaluation:
 @torch.inference_mode()
 def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, loader: DataLoader,
              device: torch.device, precision: str, cfg: EvalConfig, n_classes: int, crf: bool = False,
-             n_examples: int = 0, desc: str = "eval") -> Evaluation:
-    """Score the probes on ``loader`` (labelled, 320 px); with ``crf`` also after dense-CRF refinement."""
+             n_examples: int = 0, desc: str = "eval", world: World = ONE_PROCESS) -> Evaluation:
+    """Score the probes on ``loader`` (labelled, 320 px); with ``crf`` also after dense-CRF refinement.
+
+    With several processes, ``loader`` holds this process's share of the images, and the result (metrics, loss,
+    number of images) is that of all of them; ``n_examples`` of process 0's first images are kept."""
     modules = (net, linear_probe, cluster_probe)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
     no_crf = Scores.empty(n_classes, cfg, device)
     with_crf = Scores.empty(n_classes, cfg, device) if crf else None
-    losses, n_images, examples = [], 0, []
+    loss_sum, n_images, examples = 0.0, 0, []
     pending: dict[int, Tensor] = {}  # labels of images whose CRF result has not come back yet
     crf_results: dict[tuple[int, str], np.ndarray] = {}  # CRF maps of the example images
     pool = CRFPool(cfg.crf_workers, output="labels") if crf else contextlib.nullcontext()
-    crf_bar = tqdm(total=2 * len(loader.dataset), desc=f"{desc} CRF", leave=False, disable=None if crf else True)
+    quiet = None if world.is_main else True  # progress bars of process 0 only
+    crf_bar = tqdm(total=2 * len(loader.sampler), desc=f"{desc} CRF", leave=False, disable=quiet if crf else True)
     try:
         with pool, crf_bar:
-            for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            for batch in tqdm(loader, desc=desc, leave=False, disable=quiet):
                 signals.check()  # a stop signal that arrived while the loader or the pool started workers
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
@@ -120,7 +129,7 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 linear_pred, cluster_pred = linear_logits.argmax(1), cluster_out.inner.argmax(1)
                 no_crf.cluster.update(cluster_pred, label)
                 no_crf.linear.update(linear_pred, label)
-                losses.append(float(cluster_out.loss))
+                loss_sum += float(cluster_out.loss) * img.shape[0]  # a mean over the batch's images
                 shown = min(img.shape[0], max(n_examples - n_images, 0))  # images of this batch to visualise
                 images = [denormalize_to_uint8(img[j]) for j in range(img.shape[0] if crf else shown)]
                 for j in range(shown):
@@ -142,7 +151,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
-    no_crf.compute()
+    loss_sum, n_images = world.sum(torch.tensor([loss_sum, n_images], dtype=torch.float64, device=device)).tolist()
+    no_crf.compute()  # sums the confusion matrices of the processes
     if with_crf is not None:
         with_crf.compute()
     for index, example in enumerate(examples):
@@ -150,8 +160,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
         if with_crf is not None:
             example["linear + CRF"] = crf_results[(index, "linear")]
             example["cluster + CRF"] = _mapped(with_crf.cluster, crf_results[(index, "cluster")])
-    return Evaluation(no_crf=no_crf, crf=with_crf, loss=float(np.mean(losses)) if losses else math.nan,
-                      n_images=n_images, examples=examples)
+    return Evaluation(no_crf=no_crf, crf=with_crf, loss=loss_sum / n_images if n_images else math.nan,
+                      n_images=int(n_images), examples=examples)
 
 
 def _collect(results, pending: dict[int, Tensor], scores: Scores, examples: dict, n_examples: int,
@@ -232,29 +242,41 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
     ``checkpoints`` maps a name ("best", "last"; "" for eval.py's single file) to (path, checkpoint). For each,
     ``{name}_eval_report.json``, its confusion matrix and (``eval.is_visualize``) its visualisation are written into
     ``out_dir`` (without the prefix for the name ""), and its metrics and pictures go to wandb under
-    ``eval/{name or file stem}/``. One table of all of them is printed.
+    ``eval/{name or file stem}/``. One table of all of them is printed. With several processes, each evaluates its
+    share of the images and process 0 writes, logs and prints (the others return no files).
     """
-    val_set = build_dataset(cfg.dataset, "val")
-    require_labels(val_set)
+    world = World(fabric)
+
+    def prepare() -> tuple[Any, list]:
+        val_set = build_dataset(cfg.dataset, "val")
+        require_labels(val_set)
+        return val_set, [networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes, str(path))
+                         for path, ckpt in checkpoints.values()]
+
+    val_set, networks = world.agree(prepare)
     n_classes = val_set.n_classes
-    loader = make_loader(val_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE)
+    loader = make_loader(val_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE,
+                         sampler=world.share(len(val_set)))
     names, colors = class_names(cfg.dataset), color_map(cfg.dataset)
     results, rows, files = {}, {}, []
-    for name, (path, ckpt) in checkpoints.items():
-        net, linear, cluster = (fabric.setup_module(m) for m in
-                                networks_from_checkpoint(ckpt, cfg.model, n_classes, str(path)))
+    for (name, (path, _)), modules in zip(checkpoints.items(), networks):
+        net, linear, cluster = (fabric.to_device(m) for m in modules)
         ev = evaluate(net, linear, cluster, loader, fabric.device, precision, cfg.eval, n_classes, crf=cfg.eval.is_crf,
-                      n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0, desc=f"evaluating {path.name}")
-        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "")
+                      n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0, desc=f"evaluating {path.name}",
+                      world=world)
         results[name] = ev.metrics()
+        if not world.is_main:
+            continue
+        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "")
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
         section = f"eval/{name or path.stem}"
         tracker.log({f"{section}/{setting}/{k}": v for setting, values in results[name].items()
                      for k, v in values.items()}, step=step)
         tracker.log_images({f"{section}/{k}": v for k, v in paths.items() if k != "report"}, step=step)
-    print(f"{len(val_set)} images of {cfg.dataset.data_type} val, {cfg.dataset.data_path}")
-    print(format_table(rows))
+    if world.is_main:
+        print(f"{len(val_set)} images of {cfg.dataset.data_type} val, {cfg.dataset.data_path}")
+        print(format_table(rows))
     return Reports(metrics=results, files=files)
 
 

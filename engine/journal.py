@@ -44,11 +44,12 @@ LABELS = {f.key: f.label for f in TRAIN_FIELDS}
 
 
 class Journal:
-    """Writes the run's events to the console, ``log.jsonl`` (appended to on resume) and wandb."""
+    """Writes the run's events to the console, ``log.jsonl`` (appended to on resume) and wandb; with ``path`` None
+    (the data-parallel processes other than process 0), nothing."""
 
-    def __init__(self, path: Path, tracker: Tracker) -> None:
+    def __init__(self, path: Optional[Path], tracker: Tracker) -> None:
         self.path = path
-        self.file = path.open("a", encoding="utf-8")
+        self.file = path.open("a", encoding="utf-8") if path is not None else None
         self.tracker = tracker
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -60,12 +61,16 @@ class Journal:
 
     def train_line(self, stats: Mapping[str, float]) -> None:
         """``stats``: a value for every key of ``TRAIN_FIELDS``."""
+        if self.file is None:
+            return
         tqdm.write(" | ".join(f.console.format(stats[f.key]) for f in TRAIN_FIELDS if f.console), file=sys.stdout)
         self._write({"type": "train", **{f.key: stats[f.key] for f in TRAIN_FIELDS}})
         self.tracker.log({f.wandb: stats[f.key] for f in TRAIN_FIELDS}, step=int(stats["iter"]))
 
     def validation(self, epoch: int, iteration: int, ev: Evaluation, improved: bool, run_dir: Path,
                    names: list[str], colors: np.ndarray) -> None:
+        if self.file is None:
+            return
         metrics = ev.no_crf.values
         tqdm.write(f"[VAL] iter {iteration:6d} | " + " | ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES)
                    + (" | new best" if improved else ""), file=sys.stdout)
@@ -78,7 +83,8 @@ class Journal:
                                      "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def trim_log(path: Path, iteration: int) -> None:

@@ -9,6 +9,14 @@ the autocast), and the linear probe's cross-entropy and the cluster probe's loss
 labels reach only the probes; then the step, as DINO writes it with torch.amp: scale the loss and backpropagate,
 unscale the network's gradients and clip their norm, step the three optimizers (network, linear probe, cluster
 probe), update the fp16 loss scale once.
+
+Data-parallel (``torchrun``, ``srun``): ``dataloader.batch_size`` is the global batch, and every process trains on
+its part of it (``EpochSampler``). What one process would compute is computed: the PPAP loss gathers the rows of
+all processes and each process computes its share of the anchors; every loss term is this process's part of the
+global batch's loss (the parts sum to it), and the backward pass is scaled by the number of processes, which DDP
+divides the summed gradients by. The random numbers of an iteration (feature dropout, anchors) are drawn for the
+global batch from a stream of (seed, iteration), the same on every process. Process 0 owns the run directory,
+writes the checkpoints, the log and the reports, prints and logs to wandb; the others wait for its checkpoints.
 """
 from __future__ import annotations
 
@@ -28,15 +36,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import EpochSampler, build_dataset, class_names, color_map, make_loader
+from dataset import EpochSampler, SeededSamples, build_dataset, class_names, color_map, make_loader
 from engine.checkpoint import (config_differences, load_checkpoint, load_networks, require_training_state,
                                set_rng_state, training_checkpoint)
 from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, evaluate, evaluate_and_report
 from engine.journal import LABELS, Journal, trim_log
 from loss import PPAPLoss, PPAPResult
-from model import build_model
+from model import build_model, dropout_mask
 from utils.config import Config, OptimConfig, OptimizerConfig, config_to_dict
-from utils.device import autocast, grad_scaler, make_fabric, resolve_device, resolve_precision
+from utils.device import autocast, grad_scaler, resolve_precision
+from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, DataError, UserError
 from utils.files import FolderLock, remove_temporaries, save_atomically, to_json, write_text_atomically
 from utils import signals
@@ -48,6 +57,7 @@ LAST, BEST = "last.pth", "best.pth"
 CONFIG_FILE, LOG_FILE, FINAL_METRICS = "config.json", "log.jsonl", "final_metrics.json"
 RUN_LOCK = ".lock"  # held by the process that owns the run directory
 VAL_EXAMPLES = 4  # validation images shown in wandb at each validation
+ITERATION_STREAM = 1  # tells the random stream of the iterations apart from others derived from the seed
 # Config keys that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = ("train.epoch", "train.print_freq", "train.valid_freq", "dataloader.num_workers", "wandb.",
                      "eval.", "dataset.data_path", "output_dir", "checkpoint", "gpu_ids")
@@ -100,12 +110,14 @@ class Progress:
 @dataclass
 class Run:
     """Everything a training run works with, as ``setup()`` builds it. The modules are set up by Fabric (on the
-    device); their state dicts are those of the plain modules."""
+    device; with several processes, in DDP); ``module.module`` is the plain module, and the state dicts are those
+    of the plain modules."""
 
     cfg: Config
     run_dir: Path
-    lock: FolderLock  # this process owns run_dir while it holds the lock
+    lock: Optional[FolderLock]  # process 0 owns run_dir while it holds the lock; None on the other processes
     fabric: Fabric
+    world: World
     precision: str  # fp32 | fp16 | bf16, resolved
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     net: nn.Module
@@ -141,23 +153,44 @@ def build_optimizers(cfg: OptimizerConfig, net: nn.Module, linear: nn.Module, cl
     return Optimizers(net=make(cfg.net, net), linear=make(cfg.linear, linear), cluster=make(cfg.cluster, cluster))
 
 
-def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int) -> Tensor:
-    """The linear probe's loss: logits upsampled to the label size, unlabelled pixels ignored."""
+def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int, world: World = ONE_PROCESS) -> Tensor:
+    """The linear probe's loss: logits upsampled to the label size, unlabelled pixels ignored; the mean over the
+    labelled pixels of the global batch (with several processes, this process's part of it)."""
     logits = F.interpolate(logits, label.shape[-2:], mode="bilinear", align_corners=False)
     valid = (label >= 0) & (label < n_classes)
-    if not bool(valid.any()):  # an unlabelled batch teaches the probe nothing (the original returned NaN)
+    counted = int(world.sum(valid.sum()))
+    if not counted:  # an unlabelled batch teaches the probe nothing (the original returned NaN)
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid])
+    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid], reduction="sum") / counted
+
+
+def iteration_stream(seed: int, iteration: int) -> torch.Generator:
+    """The random stream of one training iteration, from (seed, iteration) alone: the same on every process and
+    after a resume. The feature-dropout masks and the anchors of the global batch are drawn from it."""
+    state = np.random.SeedSequence([seed, ITERATION_STREAM, iteration]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_fn: nn.Module, img: Tensor,
-                   label: Tensor, n_classes: int) -> tuple[LossTerms, PPAPResult]:
-    """The loss terms of one batch: PPAP on the network's output, the probes' losses on the detached code."""
-    out = net(img)
-    ppap = loss_fn(out.z, out.feats)
+                   label: Tensor, n_classes: int, world: World = ONE_PROCESS,
+                   stream: Optional[torch.Generator] = None, dropout_channels: int = 0) -> tuple[LossTerms, PPAPResult]:
+    """The loss terms of one batch: PPAP on the network's output, the probes' losses on the detached code.
+
+    With ``stream`` (``iteration_stream()``), the feature-dropout masks of the ``dropout_channels`` channels
+    (0: the network drops none) and the anchors are drawn from it for the global batch, and this process takes
+    the rows of its images; without it, from torch's global streams. Each term is this process's part of the
+    global batch's loss."""
+    mask = None
+    if stream is not None and dropout_channels:
+        n = img.shape[0]
+        mask = dropout_mask(n * world.size, dropout_channels, stream)[world.rank * n:(world.rank + 1) * n]
+        mask = mask.to(img.device)
+    out = net(img, dropout_mask=mask)
+    ppap = loss_fn(out.z, out.feats, world=world, generator=stream)
     code = out.code.detach()  # labels reach only the probes
-    return LossTerms(ppap=ppap.loss, linear=probe_cross_entropy(linear(code), label, n_classes),
-                     cluster=cluster(code).loss), ppap
+    # the cluster probe's loss is a mean over the pixels, and every process has as many
+    return LossTerms(ppap=ppap.loss, linear=probe_cross_entropy(linear(code), label, n_classes, world),
+                     cluster=cluster(code).loss / world.size), ppap
 
 
 def own_run_dir(run_dir: Path) -> FolderLock:
@@ -169,27 +202,44 @@ def own_run_dir(run_dir: Path) -> FolderLock:
     return lock
 
 
-def setup(cfg: Config, run_dir: Path, resume: bool = False) -> Run:
-    """Build the run: data, model, optimizers and Fabric; on ``resume``, restore all of it from last.pth.
+def claim_run_dir(run_dir: Path, world: World) -> Optional[FolderLock]:
+    """Process 0 locks ``run_dir``; every process raises the error if it cannot."""
+    return world.agree(lambda: own_run_dir(run_dir) if world.is_main else None)
 
-    The run owns ``run_dir`` from the start (a lock that ends with the process); nothing in the folder changes
-    before the run is known to start: options checked, checkpoint readable."""
-    last_path = run_dir / LAST
-    if resume and not last_path.is_file():
-        raise UserError(f"--resume: {last_path} not found; start without --resume to begin a new run")
-    lock = own_run_dir(run_dir)
+
+def setup(cfg: Config, run_dir: Path, fabric: Fabric, resume: bool = False) -> Run:
+    """Build the run: data, model, optimizers (``fabric``: this process's device, and DDP with several processes);
+    on ``resume``, restore all of it from last.pth.
+
+    The run owns ``run_dir`` from the start (a lock of process 0 that ends with the process); nothing in the folder
+    changes before the run is known to start: options checked, checkpoint readable, on every process. A user
+    error that any process finds ends all of them with it."""
+    world = World(fabric)
+    lock = claim_run_dir(run_dir, world)
     try:
-        return _setup(cfg, run_dir, resume, lock)
+        run = world.agree(lambda: _prepare(cfg, run_dir, resume, fabric, world, lock))
+        # DDP (several processes): the processes' parameters start equal, and gradients are averaged
+        run.net, run.linear, run.cluster = (fabric.setup_module(m) for m in (run.net, run.linear, run.cluster))
+        world.agree(lambda: _start_writing(run) if world.is_main else None)
+        return run
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
-def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
+def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: World,
+             lock: Optional[FolderLock]) -> Run:
+    """Everything of ``setup`` that each process does alone (no collectives: another may have failed)."""
     last_path = run_dir / LAST
+    if resume and not last_path.is_file():
+        raise UserError(f"--resume: {last_path} not found; start without --resume to begin a new run")
     if not resume and last_path.exists():
         raise UserError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, or choose another "
                         f"wandb.name or output_dir for a new one")
+    if cfg.dataloader.batch_size % world.size:
+        raise ConfigError(f"dataloader.batch_size ({cfg.dataloader.batch_size}) is the global batch and must be a "
+                          f"multiple of the {world.size} processes, each of which takes an equal part of it")
     config = config_to_dict(cfg)
     ckpt = load_checkpoint(last_path) if resume else None
     if ckpt is not None:
@@ -199,9 +249,8 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
         if changed:
             raise ConfigError(f"--resume: the options differ from the run in {last_path} in {', '.join(changed)}; "
                               f"restore them or start a new run")
-    device = resolve_device(cfg.device, cfg.gpu_ids)
+    device = fabric.device
     precision = resolve_precision(cfg.precision, device)
-    fabric = make_fabric(device)
     seed_everything(cfg.seed)
 
     train_set, val_set = build_dataset(cfg.dataset, "train"), build_dataset(cfg.dataset, "val")
@@ -209,18 +258,20 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
         raise DataError(f"{cfg.dataset.data_path}: the training set has {len(train_set)} images, fewer than one "
                         f"batch of dataloader.batch_size={cfg.dataloader.batch_size}")
     validate = val_set.has_labels and val_set.has_labelled_pixels()
-    if not validate:
+    if not validate and world.is_main:
         why = "has no labels" if not val_set.has_labels else "labels every pixel as ignored"
         log.warning("the validation set %s: training runs without validation scores, best.pth and the final "
                     "evaluation; last.pth is saved every %d iterations", why, cfg.train.valid_freq)
-    sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed)
-    net, linear, cluster = (fabric.setup_module(m) for m in build_model(cfg.model, val_set.n_classes))
-    run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, precision=precision,
+    sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed, world.rank, world.size)
+    net, linear, cluster = (fabric.to_device(m) for m in build_model(cfg.model, val_set.n_classes))
+    run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, world=world, precision=precision,
               scaler=grad_scaler(device, precision),
               net=net, linear=linear, cluster=cluster, optimizers=build_optimizers(cfg.optimizer, net, linear, cluster),
               loss_fn=PPAPLoss(cfg.training_coeff), sampler=sampler,
-              train_loader=make_loader(train_set, cfg.dataloader, cfg.seed, device, sampler=sampler),
-              val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE),
+              train_loader=make_loader(SeededSamples(train_set), cfg.dataloader, cfg.seed, device,
+                                       batch_size=sampler.local_batch_size, sampler=sampler),
+              val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE,
+                                     sampler=world.share(len(val_set))),
               n_classes=val_set.n_classes, validate=validate)
     if ckpt is not None:
         load_networks(ckpt, run.net, run.linear, run.cluster, str(last_path))
@@ -233,32 +284,41 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, lock: FolderLock) -> Run:
             run.progress.epoch, run.progress.batch_in_epoch = run.progress.epoch + 1, 0
         run.wandb_run_id = ckpt["wandb_run_id"]
         set_rng_state(ckpt["rng_state"])  # last: building the model above draws random numbers
-        log.info("resuming %s at epoch %d, batch %d (iteration %d)", last_path, run.progress.epoch,
-                 run.progress.batch_in_epoch, run.progress.iteration)
-    for path in remove_temporaries(run_dir):  # left by a killed earlier run of this folder
-        log.info("removed %s, an unfinished checkpoint of an interrupted run", path)
-    # the log goes on from the checkpoint (a new run: from nothing, dropping what a run that saved nothing logged)
-    trim_log(run_dir / LOG_FILE, run.progress.iteration)
-    write_text_atomically(run_dir / CONFIG_FILE, to_json(config, indent=2) + "\n")
+        if world.is_main:
+            log.info("resuming %s at epoch %d, batch %d (iteration %d)", last_path, run.progress.epoch,
+                     run.progress.batch_in_epoch, run.progress.iteration)
     return run
 
 
-def train(cfg: Config, run_dir: Path, make_tracker: Callable[[Optional[str]], Tracker],
-          resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir``; returns the final metrics of best.pth and last.pth.
+def _start_writing(run: Run) -> None:
+    """Process 0, once every process is ready: tidy the run directory and write the run's options."""
+    for path in remove_temporaries(run.run_dir):  # left by a killed earlier run of this folder
+        log.info("removed %s, an unfinished checkpoint of an interrupted run", path)
+    # the log goes on from the checkpoint (a new run: from nothing, dropping what a run that saved nothing logged)
+    trim_log(run.run_dir / LOG_FILE, run.progress.iteration)
+    write_text_atomically(run.run_dir / CONFIG_FILE, to_json(config_to_dict(run.cfg), indent=2) + "\n")
 
-    ``make_tracker(run_id)`` opens the wandb run (``run_id``: the run to continue on --resume, else None).
+
+def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Optional[str]], Tracker],
+          resume: bool = False) -> dict[str, Any]:
+    """Train per ``cfg`` into ``run_dir`` on ``fabric`` (``utils.distributed.launch``); returns the final metrics
+    of best.pth and last.pth.
+
+    ``make_tracker(run_id)`` opens the wandb run (``run_id``: the run to continue on --resume, else None); it is
+    called on process 0 only.
     """
-    run = setup(cfg, run_dir, resume)
+    run = setup(cfg, run_dir, fabric, resume)
+    world = run.world
     try:
-        tracker = make_tracker(run.wandb_run_id)
+        tracker = (make_tracker(run.wandb_run_id) if world.is_main
+                   else Tracker(cfg.wandb, run_dir, {}, default_tag="", mode="disabled"))
     except BaseException:
-        run.lock.release()
+        _release(run)
         raise
-    journal = Journal(run_dir / LOG_FILE, tracker)
+    journal = Journal(run_dir / LOG_FILE if world.is_main else None, tracker)
     try:
         for epoch in tqdm(range(run.progress.epoch, cfg.train.epoch), desc="epoch", initial=run.progress.epoch,
-                          total=cfg.train.epoch, disable=None):
+                          total=cfg.train.epoch, disable=None if world.is_main else True):
             train_one_epoch(run, epoch, journal)
         if not run.validate:
             return {}
@@ -266,13 +326,19 @@ def train(cfg: Config, run_dir: Path, make_tracker: Callable[[Optional[str]], Tr
     finally:
         journal.close()
         tracker.finish()
+        _release(run)
+
+
+def _release(run: Run) -> None:
+    if run.lock is not None:
         run.lock.release()
 
 
 def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
     """Train on the batches of ``epoch`` not trained on yet; validate and save every ``train.valid_freq`` batches
     and at the end of the epoch."""
-    cfg, progress, device = run.cfg.train, run.progress, run.fabric.device
+    cfg, progress, device, world = run.cfg.train, run.progress, run.fabric.device, run.world
+    dropout_channels = run.net.module.model.embed_dim if run.net.module.drops_features else 0
     start = progress.batch_in_epoch if progress.epoch == epoch else 0
     progress.epoch, progress.batch_in_epoch = epoch, start
     run.sampler.set_epoch(epoch, start)
@@ -280,17 +346,22 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
     for module in (run.net, run.linear, run.cluster):
         module.train()
     timer, seen = time.perf_counter(), 0
-    batches = tqdm(run.train_loader, desc=f"epoch {epoch}", initial=start, total=n_batches, leave=False, disable=None)
+    batches = tqdm(run.train_loader, desc=f"epoch {epoch}", initial=start, total=n_batches, leave=False,
+                   disable=None if world.is_main else True)
     for i, batch in enumerate(batches, start=start):
         signals.check()  # a stop signal that arrived while the loader started its workers
         img = batch["img"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         with autocast(device, run.precision):
-            terms, ppap = forward_losses(run.net, run.linear, run.cluster, run.loss_fn, img, label, run.n_classes)
-        values = dict(zip(LossTerms._fields, torch.stack([t.detach().float() for t in terms]).tolist()))
+            terms, ppap = forward_losses(run.net, run.linear, run.cluster, run.loss_fn, img, label, run.n_classes,
+                                         world, iteration_stream(run.cfg.seed, progress.iteration), dropout_channels)
+        # the losses of the global batch: the same on every process, so all of them stop together if one is not finite
+        values = dict(zip(LossTerms._fields, world.sum(torch.stack([t.detach().float() for t in terms])).tolist()))
         _check_finite(values, progress.iteration + 1, epoch, i, run.run_dir / LAST)
 
-        run.scaler.scale(terms.total / cfg.num_accum).backward()  # fp16: the loss times the loss scale
+        # fp16: the loss times the loss scale. Several processes: DDP divides the sum of their gradients by their
+        # number, and the sum of the parts' gradients is the global batch's gradient: multiply by the number first
+        run.scaler.scale(terms.total * world.size / cfg.num_accum).backward()
         grad_norm = math.nan  # no step in this iteration (gradient accumulation)
         if (i + 1) % cfg.num_accum == 0 or i + 1 == n_batches:
             run.scaler.unscale_(run.optimizers.net)  # fp16: the network's true gradients, to clip them
@@ -302,7 +373,7 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
                 optimizer.zero_grad(set_to_none=True)
         progress.iteration += 1
         progress.batch_in_epoch = i + 1
-        seen += img.shape[0]
+        seen += img.shape[0] * world.size
 
         if i % cfg.print_freq == 0:
             journal.train_line({
@@ -330,22 +401,26 @@ def _param_norm(module: nn.Module) -> float:
 
 
 def validate_and_save(run: Run, journal: Journal) -> None:
-    """Score the validation set (no CRF); write best.pth when the score improved, and always last.pth."""
+    """Score the validation set (no CRF; each process its share); write best.pth when the score improved, and
+    always last.pth (process 0, while the others wait)."""
     progress, improved = run.progress, False
     if run.validate:
-        ev = evaluate(run.net, run.linear, run.cluster, run.val_loader, run.fabric.device, run.precision,
-                      run.cfg.eval, run.n_classes, n_examples=VAL_EXAMPLES if journal.tracker.run is not None else 0,
-                      desc="validation")
+        ev = evaluate(run.net.module, run.linear.module, run.cluster.module, run.val_loader, run.fabric.device,
+                      run.precision, run.cfg.eval, run.n_classes,
+                      n_examples=VAL_EXAMPLES if journal.tracker.run is not None else 0, desc="validation",
+                      world=run.world)
         score = sum(ev.no_crf.values[m] for m in METRIC_NAMES)  # the original's model-selection criterion
         improved = score >= progress.best  # a tie keeps the later weights: best.pth is chosen as the original chose it
         if improved:
             progress.best, progress.best_epoch, progress.best_iter = score, progress.epoch, progress.iteration
         journal.validation(progress.epoch, progress.iteration, ev, improved, run.run_dir,
                            class_names(run.cfg.dataset), color_map(run.cfg.dataset))
-    with signals.deferred():  # best.pth and last.pth together: an interrupt never leaves one without the other
-        if improved:
-            _save(run, run.run_dir / BEST, journal.tracker)
-        _save(run, run.run_dir / LAST, journal.tracker)
+    if run.world.is_main:
+        with signals.deferred():  # best.pth and last.pth together: an interrupt never leaves one without the other
+            if improved:
+                _save(run, run.run_dir / BEST, journal.tracker)
+            _save(run, run.run_dir / LAST, journal.tracker)
+    run.world.barrier()  # the checkpoints are complete before any process goes on
 
 
 def _save(run: Run, path: Path, tracker: Tracker) -> None:
@@ -356,26 +431,38 @@ def _save(run: Run, path: Path, tracker: Tracker) -> None:
 
 def final_evaluation(cfg: Config, run_dir: Path, fabric: Fabric, precision: str, tracker: Tracker,
                      step: int = 0) -> dict[str, Any]:
-    """Evaluate the run's best.pth and last.pth before and after CRF; print one table; write final_metrics.json."""
-    checkpoints = {}
-    for name in (BEST, LAST):
-        path = run_dir / name
-        if not path.is_file():
-            raise UserError(f"{path} not found; train first (run.py without --test)")
-        checkpoints[path.stem] = (path, load_checkpoint(path))
-    results = evaluate_and_report(cfg, checkpoints, run_dir, fabric, precision, tracker, step=step).metrics
-    write_text_atomically(run_dir / FINAL_METRICS, to_json(results, indent=2) + "\n")
-    print("best.pth is selected with validation labels; last.pth is the label-free choice.")
+    """Evaluate the run's best.pth and last.pth before and after CRF; print one table; write final_metrics.json
+    (process 0; every process evaluates its share of the images)."""
+    world = World(fabric)
+
+    def load() -> dict[str, tuple[Path, dict[str, Any]]]:
+        checkpoints = {}
+        for name in (BEST, LAST):
+            path = run_dir / name
+            if not path.is_file():
+                raise UserError(f"{path} not found; train first (run.py without --test)")
+            checkpoints[path.stem] = (path, load_checkpoint(path))
+        return checkpoints
+
+    results = evaluate_and_report(cfg, world.agree(load), run_dir, fabric, precision, tracker, step=step).metrics
+    if world.is_main:
+        write_text_atomically(run_dir / FINAL_METRICS, to_json(results, indent=2) + "\n")
+        print("best.pth is selected with validation labels; last.pth is the label-free choice.")
     return results
 
 
-def evaluate_run(cfg: Config, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+def evaluate_run(cfg: Config, run_dir: Path, fabric: Fabric, tracker: Tracker) -> dict[str, Any]:
     """run.py --test: the final evaluation of an existing run's best.pth and last.pth, without training."""
-    if not run_dir.is_dir():
-        raise UserError(f"--test: {run_dir} not found; train first (run.py without --test)")
-    device = resolve_device(cfg.device, cfg.gpu_ids)
-    lock = own_run_dir(run_dir)
+    world = World(fabric)
+
+    def claim() -> Optional[FolderLock]:
+        if not run_dir.is_dir():
+            raise UserError(f"--test: {run_dir} not found; train first (run.py without --test)")
+        return own_run_dir(run_dir) if world.is_main else None
+
+    lock = world.agree(claim)
     try:
-        return final_evaluation(cfg, run_dir, make_fabric(device), resolve_precision(cfg.precision, device), tracker)
+        return final_evaluation(cfg, run_dir, fabric, resolve_precision(cfg.precision, fabric.device), tracker)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

@@ -39,12 +39,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from utils.config import TrainingCoeff
+from utils.distributed import ONE_PROCESS, World
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # anchors x rows per chunk: 64 MiB per fp32 temporary
 
 
 class PPAPResult(NamedTuple):
-    loss: Tensor  # scalar
+    loss: Tensor  # scalar; with several processes, this process's part (the parts sum to the global batch's loss)
     num_pos: Tensor  # mean number of positives per anchor
     num_neg: Tensor  # mean number of confident negatives per anchor
 
@@ -140,8 +141,17 @@ class PPAPLoss(nn.Module):
 
     ``z``: (N, D) unit rows (the projection of the code, with gradient). ``feats``: (N, C) rows or a (B, C, h, w)
     map, flattened in (image, row, col) order; detached and L2-normalised here. ``anchors``: LongTensor
-    (blocks, K) of row indices local to each block, or None to draw them. Call it outside autocast: it computes
-    in fp32 (or float64 for float64 inputs) whatever the input precision.
+    (blocks, K) of row indices local to each block, or None to draw them (from ``generator``, else torch's global
+    CPU stream). Call it outside autocast: it computes in fp32 (or float64 for float64 inputs) whatever the input
+    precision.
+
+    Data-parallel (``world`` of several processes, each with its part of the global batch): the rows of all
+    processes are gathered in rank order (``z`` with gradient), so positives and negatives are mined among all
+    patches of the global batch, as with one process. ``anchors`` are those of the global batch and must be the
+    same on every process (draw them from a generator seeded alike everywhere); each process computes the blocks
+    of its ``world.share(blocks)``. ``loss`` is then this process's part: the parts of all processes sum to the
+    loss of the global batch, and so do their gradients (the gather's backward adds every process's gradient
+    for a row to the process that holds it). ``num_pos`` and ``num_neg`` are those of the global batch.
     """
 
     def __init__(self, cfg: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
@@ -160,35 +170,40 @@ class PPAPLoss(nn.Module):
         blocks, size, k = self.geometry(n)
         return torch.rand(blocks, size, generator=generator).argsort(dim=1)[:, :k]
 
-    def forward(self, z: Tensor, feats: Tensor, anchors: Optional[Tensor] = None) -> PPAPResult:
+    def forward(self, z: Tensor, feats: Tensor, anchors: Optional[Tensor] = None, world: World = ONE_PROCESS,
+                generator: Optional[torch.Generator] = None) -> PPAPResult:
         if feats.dim() == 4:
             feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        n = z.shape[0]
-        if feats.shape[0] != n:
-            raise ValueError(f"z has {n} rows but feats has {feats.shape[0]}")
-        blocks, size, k = self.geometry(n)
-        if anchors is None:
-            anchors = self.draw_anchors(n)
-        if anchors.shape[0] != blocks or anchors.dim() != 2 or anchors.min() < 0 or anchors.max() >= size:
-            raise ValueError(f"anchors must be a ({blocks}, K) tensor of row indices in [0, {size}), got shape "
-                             f"{tuple(anchors.shape)}")
+        if feats.shape[0] != z.shape[0]:
+            raise ValueError(f"z has {z.shape[0]} rows but feats has {feats.shape[0]}")
         cfg = self.cfg
         dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under mixed precision; float64 stays float64
         with torch.autocast(z.device.type, enabled=False):
-            z = z.to(dtype)
-            f = F.normalize(feats.detach().to(dtype), dim=1)
-            offsets = torch.arange(blocks, device=anchors.device)[:, None] * size
-            anchor_rows = (anchors + offsets).reshape(-1).to(z.device)
+            # the global batch: every process's rows in rank order (z differentiable, feats not)
+            z = world.gather(z.to(dtype), grad=True)
+            f = F.normalize(world.gather(feats.detach().to(dtype)), dim=1)
+            n = z.shape[0]
+            blocks, size, k = self.geometry(n)
+            if anchors is None:
+                anchors = self.draw_anchors(n, generator)
+            if anchors.shape[0] != blocks or anchors.dim() != 2 or anchors.min() < 0 or anchors.max() >= size:
+                raise ValueError(f"anchors must be a ({blocks}, K) tensor of row indices in [0, {size}), got shape "
+                                 f"{tuple(anchors.shape)}")
+            mine_blocks = world.share(blocks)  # the blocks whose anchors this process computes
+            offsets = torch.arange(mine_blocks.start, mine_blocks.stop, device=anchors.device)[:, None] * size
+            anchor_rows = (anchors[mine_blocks.start:mine_blocks.stop] + offsets).reshape(-1).to(z.device)
             mined = mine(f, anchor_rows, cfg, self.chunk_elements)
             valid = mined.pos.any(dim=1)
             log_prob = _MeanPositiveLogProb.apply(z, anchor_rows[valid], mined.pos[valid], mined.neg[valid],
                                                   cfg.tau, self.chunk_elements)
             per_anchor = -(cfg.tau / cfg.base_tau) * log_prob
-            block_of = torch.arange(blocks, device=z.device).repeat_interleave(anchors.shape[1])[valid]
-            sums = z.new_zeros(blocks).index_add(0, block_of, per_anchor)
-            counts = torch.bincount(block_of, minlength=blocks)
+            block_of = torch.arange(len(mine_blocks), device=z.device).repeat_interleave(anchors.shape[1])[valid]
+            sums = z.new_zeros(len(mine_blocks)).index_add(0, block_of, per_anchor)
+            counts = torch.bincount(block_of, minlength=len(mine_blocks))
             used = counts > 0
-            loss = (sums[used] / counts[used]).mean() if bool(used.any()) else z.sum() * 0.0
-            num_pos = mined.pos.sum(1).float().mean()
-            num_neg = mined.neg.sum(1).float().mean()
-        return PPAPResult(loss=loss, num_pos=num_pos, num_neg=num_neg)
+            # blocks with an anchor that has a positive, positives and confident negatives: over all processes
+            totals = world.sum(torch.stack([used.sum(), mined.pos.sum(), mined.neg.sum()]).double())
+            n_used = int(totals[0])
+            loss = (sums[used] / counts[used]).sum() / n_used if n_used else z.sum() * 0.0
+            n_anchors = blocks * anchors.shape[1]
+        return PPAPResult(loss=loss, num_pos=(totals[1] / n_anchors).float(), num_neg=(totals[2] / n_anchors).float())

@@ -1,4 +1,4 @@
 """The DINO ViT backbone, the PPAP network and its probes."""
-from model.ppap import ClusterOutput, ClusterProbe, NetOutput, PPAPNet, build_model
+from model.ppap import ClusterOutput, ClusterProbe, NetOutput, PPAPNet, build_model, dropout_mask
 
-__all__ = ["ClusterOutput", "ClusterProbe", "NetOutput", "PPAPNet", "build_model"]
+__all__ = ["ClusterOutput", "ClusterProbe", "NetOutput", "PPAPNet", "build_model", "dropout_mask"]

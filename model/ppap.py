@@ -6,7 +6,7 @@ State-dict names match the released PPAP checkpoints: the network's keys are ``m
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,15 @@ class PPAPNet(nn.Module):
         # we keep that, because the released results were trained with it.
         self.dropout = nn.Dropout2d(p=FEATS_DROPOUT) if dropout else nn.Identity()
 
-    def forward(self, img: Tensor) -> NetOutput:
+    @property
+    def drops_features(self) -> bool:
+        """Whether a forward pass in training mode drops feature channels."""
+        return isinstance(self.dropout, nn.Dropout2d)
+
+    def forward(self, img: Tensor, dropout_mask: Optional[Tensor] = None) -> NetOutput:
+        """``dropout_mask``: (B, C) multipliers of the feature channels (0, or 1 / (1 - p) for a kept channel)
+        to use in training mode instead of drawing them; the training loop draws them for the global batch, so
+        that they do not depend on how the batch is split across processes."""
         b, _, height, width = img.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
@@ -57,7 +65,18 @@ class PPAPNet(nn.Module):
         code = self.model.norm(self.decoder(x))
         code = _tokens_to_map(code, h, w)
         z = F.normalize(self.project_head(code.permute(0, 2, 3, 1).reshape(b * h * w, -1)), dim=1)
-        return NetOutput(code=code, z=z, feats=self.dropout(_tokens_to_map(feats, h, w)))
+        feats = _tokens_to_map(feats, h, w)
+        if dropout_mask is not None and self.training and self.drops_features:
+            feats = feats * dropout_mask[:, :, None, None].to(feats.dtype)
+        else:
+            feats = self.dropout(feats)
+        return NetOutput(code=code, z=z, feats=feats)
+
+
+def dropout_mask(n_images: int, channels: int, generator: torch.Generator, p: float = FEATS_DROPOUT) -> Tensor:
+    """(n_images, channels) channel multipliers as ``Dropout2d(p)`` draws them: 0 with probability p, else
+    1 / (1 - p); drawn on the CPU from ``generator``."""
+    return torch.empty(n_images, channels).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
 
 
 def _tokens_to_map(tokens: Tensor, h: int, w: int) -> Tensor:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Callable, Optional, Sequence
 
 from utils.config import Config, load_config
 from utils import signals
+from utils.distributed import ReportedByMain, group_formed, process_rank
 from utils.errors import UserError
 
 EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
@@ -65,30 +67,55 @@ def one_line(err: BaseException) -> str:
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Call ``main(argv)`` and turn how it ended into one line on stderr and an exit status: a ``UserError`` or a
-    filesystem error (a folder that cannot be created, a full disk) 2; Ctrl-C 130, SIGTERM 143, SIGHUP 129."""
+    filesystem error (a folder that cannot be created, a full disk) 2; Ctrl-C 130, SIGTERM 143, SIGHUP 129.
+
+    Of the data-parallel processes (torchrun), process 0 speaks for all: the others log only errors, say nothing
+    when stopped, and print a user error only when they found it alone (after the processes met; before, all of
+    them read the same options and fail alike)."""
+    main_process = process_rank() == 0
     # Our own messages from INFO up; other libraries' (torch logs statistics at exit) from WARNING up.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for package in OUR_PACKAGES:
-        logging.getLogger(package).setLevel(logging.INFO)
+        logging.getLogger(package).setLevel(logging.INFO if main_process else logging.ERROR)
     with signals.handled():
-        try:
-            return main(argv)
-        except UserError as err:
+        status = _status_of(main, argv, main_process)
+        if status != 0 and group_formed():
+            # torchrun stops the other processes (SIGTERM) as soon as one of them ends with an error, and the
+            # processes of one run end together: leave at once, deaf to that signal, so that each keeps its status
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
+
+
+def _status_of(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]],
+               main_process: bool) -> int:
+    try:
+        return main(argv)
+    except ReportedByMain:  # process 0 prints it
+        return EXIT_USER_ERROR
+    except UserError as err:
+        if main_process or group_formed():
             print(f"error: {one_line(err)}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt as err:
-            return _stopped(signals.signal_of(err))
-        except OSError as err:
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as err:
+        return _stopped(signals.signal_of(err), main_process)
+    except OSError as err:
+        if main_process or group_formed():
             print(f"error: {describe_os_error(err)}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except BaseException:
-            if signals.received() is None:
-                raise
-            return _stopped(signals.received())  # the signal's exception was replaced by one of the cleanup's
+        return EXIT_USER_ERROR
+    except BaseException:
+        if signals.received() is None:
+            raise
+        # the signal's exception was replaced by one of the cleanup's
+        return _stopped(signals.received(), main_process)
 
 
-def _stopped(signum: int) -> int:
-    print("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})", file=sys.stderr)
+def _stopped(signum: int, say: bool = True) -> int:
+    if say:
+        print("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})",
+              file=sys.stderr)
     return signals.exit_status(signum)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
+from utils.distributed import local_world_size
 from utils.signals import ignored, worker_process_setup
 
 CRF_MAX_ITER = 10  # mean-field iterations: MAX_ITER in STEGO's crf.py, as in PPAP
@@ -152,9 +153,10 @@ def usable_cores() -> int:
 
 
 def resolve_workers(workers: Optional[int]) -> int:
-    """``eval.crf_workers``: None -> the usable cores, 0 -> serial in the caller's process."""
+    """``eval.crf_workers``: None -> the usable cores (shared by the data-parallel processes of this machine, each
+    with its own pool), 0 -> serial in the caller's process."""
     if workers is None:
-        return usable_cores()
+        return max(1, usable_cores() // local_world_size())
     if workers < 0:
         raise ValueError(f"crf_workers must be >= 0 or None (got {workers})")
     return workers
