@@ -104,6 +104,11 @@ def describe_loss(output: str) -> str:
             f"less memory; losses differ by {abs(slow['loss'] - fast['loss']) / abs(slow['loss']):.0e})")
 
 
+def describe_ddp(output: str) -> str:
+    return ", ".join(f"{r['processes']}: {r['images_per_s']:.1f} images/s ({r['speedup']:.2f}x)"
+                     for r in last_json(output)["results"])
+
+
 def describe_crf(output: str) -> str:
     r = last_json(output)
     if not r["identical"]:
@@ -148,6 +153,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows.append(step("PPAP loss, forward + backward", f"batch {loss_batch} x 28 x 28 patches, 384 channels",
                          [py, "benchmarks/loss_bench.py", "--batch", loss_batch, "--device", args.device, "--json"],
                          300, describe_loss))
+        gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 2  # 2 CPU processes with --quick
+        if gpus > 1 and (quick or args.device.startswith("cuda")):
+            processes = [str(k) for k in (1, 2, 4, 8) if k <= gpus]
+            device = "cuda" if args.device.startswith("cuda") else "cpu"
+            rows.append(step("data-parallel training", f"{arch}/{patch}, global batch {batch}, {' / '.join(processes)} "
+                             f"processes", [py, "benchmarks/ddp_bench.py", "--arch", arch, "--patch", patch, "--batch",
+                                            batch, "--device", device, "--processes", *processes, "--steps",
+                                            "2" if quick else "5", "--json",
+                                            *(["--precision", "fp16"] if device == "cuda" else [])],
+                             600, describe_ddp))
         images = "4" if quick else "16"
         rows.append(step("dense CRF", f"{images} images, 320 px, 27 classes",
                          [py, "benchmarks/crf_bench.py", "--images", images, "--json"], 300, describe_crf))

@@ -26,6 +26,7 @@ from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
 from utils.config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
 from utils.device import autocast, grad_scaler  # noqa: E402
+from utils.distributed import ONE_PROCESS  # noqa: E402
 
 N_CLASSES = 27  # COCO-Stuff
 
@@ -33,11 +34,28 @@ N_CLASSES = 27  # COCO-Stuff
 class StraightforwardPPAP(torch.nn.Module):
     """The straightforward loss behind the PPAPLoss interface, anchors drawn the same way."""
 
-    def forward(self, z, feats, anchors=None):
+    def forward(self, z, feats, anchors=None, world=None, generator=None):
         feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         anchors = PPAPLoss(PAPER_COEFF).draw_anchors(z.shape[0])
         loss = straightforward_loss(z.float(), feats.float(), anchors, PAPER_COEFF)
         return PPAPResult(loss=loss, num_pos=loss.new_zeros(()), num_neg=loss.new_zeros(()))
+
+
+def train_step(modules, optimizers, scaler, loss_fn, img, label, precision: str, world=ONE_PROCESS,
+               stream=None, dropout_channels: int = 0) -> None:
+    """One iteration of engine/train.py's train_one_epoch, without its logging and checks."""
+    net, linear, cluster = modules
+    with autocast(img.device, precision):
+        terms, _ = forward_losses(net, linear, cluster, loss_fn, img, label, N_CLASSES, world, stream,
+                                  dropout_channels)
+    scaler.scale(terms.total * world.size).backward()
+    scaler.unscale_(optimizers.net)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def images_per_second(loss_fn, args, device: torch.device) -> float:
@@ -52,16 +70,7 @@ def images_per_second(loss_fn, args, device: torch.device) -> float:
     times = []
     for _ in range(args.steps + 1):  # the first step warms up
         start = time.perf_counter()
-        with autocast(device, args.precision):
-            terms, _ = forward_losses(net, linear, cluster, loss_fn, img, label, N_CLASSES)
-        scaler.scale(terms.total).backward()
-        scaler.unscale_(optimizers.net)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        train_step((net, linear, cluster), optimizers, scaler, loss_fn, img, label, args.precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

@@ -44,7 +44,7 @@ from engine.journal import LABELS, Journal, trim_log
 from loss import PPAPLoss, PPAPResult
 from model import build_model, dropout_mask
 from utils.config import Config, OptimConfig, OptimizerConfig, config_to_dict
-from utils.device import autocast, grad_scaler, resolve_precision
+from utils.device import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, DataError, UserError
 from utils.files import FolderLock, remove_temporaries, save_atomically, to_json, write_text_atomically
@@ -267,7 +267,8 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, world=world, precision=precision,
               scaler=grad_scaler(device, precision),
               net=net, linear=linear, cluster=cluster, optimizers=build_optimizers(cfg.optimizer, net, linear, cluster),
-              loss_fn=PPAPLoss(cfg.training_coeff), sampler=sampler,
+              loss_fn=PPAPLoss(cfg.training_coeff, feats_dtype=AUTOCAST_DTYPES.get(cfg.train.gather_feats)),
+              sampler=sampler,
               train_loader=make_loader(SeededSamples(train_set), cfg.dataloader, cfg.seed, device,
                                        batch_size=sampler.local_batch_size, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE,

@@ -143,7 +143,8 @@ class PPAPLoss(nn.Module):
     map, flattened in (image, row, col) order; detached and L2-normalised here. ``anchors``: LongTensor
     (blocks, K) of row indices local to each block, or None to draw them (from ``generator``, else torch's global
     CPU stream). Call it outside autocast: it computes in fp32 (or float64 for float64 inputs) whatever the input
-    precision.
+    precision. ``feats_dtype`` (fp16 or bf16): the features are rounded to it first, halving what the processes
+    exchange; mining then sees slightly different similarities (the rounding is the same with one process).
 
     Data-parallel (``world`` of several processes, each with its part of the global batch): the rows of all
     processes are gathered in rank order (``z`` with gradient), so positives and negatives are mined among all
@@ -154,10 +155,12 @@ class PPAPLoss(nn.Module):
     for a row to the process that holds it). ``num_pos`` and ``num_neg`` are those of the global batch.
     """
 
-    def __init__(self, cfg: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+    def __init__(self, cfg: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 feats_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.chunk_elements = chunk_elements
+        self.feats_dtype = feats_dtype  # feats are rounded to it before they are gathered (None: kept as they are)
 
     def geometry(self, n: int) -> tuple[int, int, int]:
         """(blocks, rows per block, anchors per block) for N rows."""
@@ -181,7 +184,8 @@ class PPAPLoss(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             # the global batch: every process's rows in rank order (z differentiable, feats not)
             z = world.gather(z.to(dtype), grad=True)
-            f = F.normalize(world.gather(feats.detach().to(dtype)), dim=1)
+            feats = feats.detach().to(self.feats_dtype or dtype)  # rounded on every process, whatever their number
+            f = F.normalize(world.gather(feats).to(dtype), dim=1)
             n = z.shape[0]
             blocks, size, k = self.geometry(n)
             if anchors is None:

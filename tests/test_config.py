@@ -93,6 +93,7 @@ def test_boolean_key_rejects_integer(tmp_path):
     ("model", "arch", "resnet", r"model\.arch must be one of 'dino'"),
     ("dataloader", "batch_size", 0, r"dataloader\.batch_size must be >= 1"),
     ("wandb", "mode", "sometimes", r"wandb\.mode must be one of 'online', 'offline', 'disabled'"),
+    ("train", "gather_feats", "fp8", r"train\.gather_feats must be one of fp32, fp16, bf16 \(got 'fp8'\)"),
 ])
 def test_impossible_value_is_named(tmp_path, section, key, value, message):
     data = original()

@@ -2,35 +2,43 @@
 import pytest
 import torch
 
+from dataclasses import replace
+from pathlib import Path
+
+from dataset import EpochSampler, SeededSamples, build_dataset, make_loader
 from loss import PPAPLoss
 from tests.test_loss import clustered, unit_z
+from tests.conftest import tiny_options
 from tests.world import run_in_world
-from utils.config import TrainingCoeff
+from utils.config import TrainingCoeff, load_config
 from utils.distributed import ONE_PROCESS
 
 
-def loss_part(world, z, feats, coeff, anchors):
+def loss_part(world, z, feats, coeff, anchors, feats_dtype):
     """This process's rows of the global batch (its images, in rank order) -> its loss part and z's gradient."""
     rows = world.share(z.shape[0])
     mine = z[rows.start:rows.stop].detach().clone().requires_grad_()
-    result = PPAPLoss(coeff)(mine, feats[rows.start:rows.stop], anchors, world=world)
+    result = PPAPLoss(coeff, feats_dtype=feats_dtype)(mine, feats[rows.start:rows.stop], anchors, world=world)
     result.loss.backward()
     return result.loss.item(), mine.grad, result.num_pos.item(), result.num_neg.item()
 
 
-@pytest.mark.parametrize("split, processes", [(16, 2),  # 4 blocks, 2 per process
-                                              (16, 3),  # 4 blocks over 3 processes: shares of 1 and 2
-                                              (48, 2)])  # 1 block: process 0 computes none
-def test_the_loss_split_over_processes_equals_the_loss_of_one_process(split, processes):
+@pytest.mark.parametrize("split, processes, feats_dtype, launcher", [
+    (16, 2, None, "torchrun"),  # 4 blocks, 2 per process
+    (16, 3, None, "torchrun"),  # 4 blocks over 3 processes: shares of 1 and 2
+    (48, 2, None, "torchrun"),  # 1 block: process 0 computes none
+    (16, 2, torch.float16, "torchrun"),  # train.gather_feats fp16: rounded alike with one process
+    (16, 2, None, "srun")])  # the processes of a SLURM job step
+def test_the_loss_split_over_processes_equals_the_loss_of_one_process(split, processes, feats_dtype, launcher):
     n = 48 * processes  # 48 rows (three 4 x 4 images) per process
     coeff = TrainingCoeff(split=split, trainpatchsplit=4, initialcrit_pos=0.5, initialcrit_amb=0.1)
-    loss_fn = PPAPLoss(coeff)
+    loss_fn = PPAPLoss(coeff, feats_dtype=feats_dtype)
     feats, z = clustered(n, 6, 4, 0.4, seed=1), unit_z(n, 5, seed=2)
     anchors = loss_fn.draw_anchors(n, torch.Generator().manual_seed(3))
     expected = loss_fn(z, feats, anchors, world=ONE_PROCESS)
     expected.loss.backward()
 
-    parts = run_in_world(loss_part, processes, z.detach(), feats, coeff, anchors)
+    parts = run_in_world(loss_part, processes, z.detach(), feats, coeff, anchors, feats_dtype, launcher=launcher)
     loss = sum(part[0] for part in parts)
     grad = torch.cat([part[1] for part in parts])
     assert loss == pytest.approx(expected.loss.item(), rel=1e-10)
@@ -39,6 +47,56 @@ def test_the_loss_split_over_processes_equals_the_loss_of_one_process(split, pro
     for part in parts:  # the statistics are those of the global batch on every process
         assert part[2] == pytest.approx(expected.num_pos.item(), rel=1e-12)
         assert part[3] == pytest.approx(expected.num_neg.item(), rel=1e-12)
+
+
+def test_rounding_the_features_changes_what_is_mined_a_little():
+    coeff = TrainingCoeff(split=96, trainpatchsplit=4, initialcrit_pos=0.5, initialcrit_amb=0.1)
+    feats, z = clustered(96, 6, 4, 0.4, seed=1), unit_z(96, 5, seed=2)
+    anchors = PPAPLoss(coeff).draw_anchors(96, torch.Generator().manual_seed(3))
+    exact = PPAPLoss(coeff)(z, feats, anchors)
+    halved = PPAPLoss(coeff, feats_dtype=torch.float16)(z, feats, anchors)
+    assert halved.loss.item() != exact.loss.item()
+    assert halved.loss.item() == pytest.approx(exact.loss.item(), rel=1e-2)
+    assert halved.loss.item() == PPAPLoss(coeff)(z, feats.half().double(), anchors).loss.item()
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("start_batch", [0, 2])
+def test_the_parts_of_the_processes_make_the_global_batches_of_one_process(processes, start_batch):
+    one = EpochSampler(40, 8, seed=5)
+    one.set_epoch(3, start_batch)
+    parts = []
+    for rank in range(processes):
+        sampler = EpochSampler(40, 8, seed=5, rank=rank, world_size=processes)
+        sampler.set_epoch(3, start_batch)
+        assert len(sampler) == len(one) // processes and sampler.local_batch_size == 8 // processes
+        parts.append(list(sampler))
+    per_batch = 8 // processes
+    together = [item for b in range(len(one) // 8) for part in parts for item in part[b * per_batch:(b + 1) * per_batch]]
+    assert together == list(one)
+    assert len({index for index, _ in together}) == len(together)  # every image once per epoch
+
+
+def test_random_crops_depend_on_the_image_position_not_on_the_loader_workers(tiny_data, tmp_path):
+    cfg = load_config(tiny_options(tmp_path, tiny_data,
+                                   dataset={"loader_crop_type": "random", "res": 32}))
+    train_set = build_dataset(cfg.dataset, "train")
+    batches = []
+    for workers, processes in ((0, 1), (2, 1), (0, 2)):
+        for rank in range(processes):
+            sampler = EpochSampler(len(train_set), 4, seed=0, rank=rank, world_size=processes)
+            loader = make_loader(SeededSamples(train_set), replace(cfg.dataloader, num_workers=workers), 0,
+                                 torch.device("cpu"), batch_size=sampler.local_batch_size, sampler=sampler)
+            before = torch.get_rng_state()
+            batches.append((workers, processes, rank, [b["img"] for b in loader]))
+            assert torch.equal(torch.get_rng_state(), before)  # the main process's stream is left alone
+    reference = torch.cat(batches[0][3])
+    for workers, processes, rank, imgs in batches[1:]:
+        if processes == 1:
+            assert torch.equal(torch.cat(imgs), reference)
+    two = [torch.cat([a, b]) for a, b in zip(batches[2][3], batches[3][3])]  # rank 0 and 1 of each global batch
+    assert torch.equal(torch.cat(two), reference)
+    assert not torch.equal(reference[0], reference[1])
 
 
 # ---- whole programs under torchrun: 2 processes on the CPU (gloo) against 1 ----
@@ -50,10 +108,9 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from tests.conftest import ROOT, tiny_options  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 from tests.test_signals import WAIT_S, alive, children, wait_for  # noqa: E402
 
 RUN_S = 300  # bound of one tiny program run; they take seconds

@@ -24,8 +24,20 @@ def torchrun_env(rank: int, size: int, port: int) -> dict[str, str]:
             "TORCHELASTIC_RUN_ID": "test", "OMP_NUM_THREADS": "1"}
 
 
-def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results) -> None:
-    os.environ.update(torchrun_env(rank, size, port))
+def srun_env(rank: int, size: int, port: int) -> dict[str, str]:
+    """The variables SLURM's srun sets for task ``rank`` of ``size`` on one node (the port pinned for the test)."""
+    return {"SLURM_NTASKS": str(size), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+            "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": str(size), "SLURM_NODELIST": "localhost",
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "test", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+LAUNCHERS = {"torchrun": torchrun_env, "srun": srun_env}
+
+
+def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, launcher: str) -> None:
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:  # the tests may run inside a SLURM job
+        del os.environ[name]
+    os.environ.update(LAUNCHERS[launcher](rank, size, port))
     try:
         import torch
 
@@ -38,13 +50,14 @@ def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results) 
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_in_world(fn: Callable, size: int, *args: Any) -> list[Any]:
-    """``fn(world, *args)`` in ``size`` spawned processes (gloo, CPU); returns the results in rank order.
+def run_in_world(fn: Callable, size: int, *args: Any, launcher: str = "torchrun") -> list[Any]:
+    """``fn(world, *args)`` in ``size`` spawned processes (gloo, CPU) with the environment ``launcher`` ("torchrun"
+    or "srun") gives them; returns the results in rank order.
 
     ``fn`` must be importable (a module-level function) and its arguments and result picklable."""
     ctx = multiprocessing.get_context("spawn")
     results, port = ctx.Queue(), free_port()
-    processes = [ctx.Process(target=_child, args=(fn, rank, size, port, args, results)) for rank in range(size)]
+    processes = [ctx.Process(target=_child, args=(fn, rank, size, port, args, results, launcher)) for rank in range(size)]
     for p in processes:
         p.start()
     try:

@@ -26,6 +26,7 @@ from utils.errors import ConfigError
 BACKBONE_WIDTH = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}  # DINO's vision_transformer.py
 PATCH_SIZES = (8, 16)  # the patch sizes DINO was released with
 DATA_TYPES = ("cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam", "potsdamraw", "directory", "demo")
+GATHER_PRECISIONS = ("fp32", "fp16", "bf16")  # train.gather_feats: fp32 is exact; the others halve the traffic
 WANDB_MODES = ("online", "offline", "disabled")
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 BASE_KEY = "base"  # top-level key naming an option file this one extends
@@ -211,8 +212,11 @@ class TrainConfig:
     freeze_all_bn: int = -1  # read by the original, no effect
     num_accum: int = 1  # gradient accumulation steps
     grad_norm: float = 10.0  # clip the network's gradient norm to this
+    gather_feats: str = "fp32"  # ours: the precision of the frozen features the loss gathers from all processes
 
     def __post_init__(self) -> None:
+        _require(self.gather_feats in GATHER_PRECISIONS, "gather_feats",
+                 f"must be one of {', '.join(GATHER_PRECISIONS)} (got {self.gather_feats!r})")
         for key in ("print_freq", "valid_freq", "epoch", "num_accum"):
             value = getattr(self, key)
             _require(value >= 1, key, f"must be >= 1 (got {value})")

@@ -103,7 +103,11 @@ def launch(device: str, gpu_ids: Sequence[int]) -> Fabric:
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     spec = detect_launch()
     if spec.world_size == 1:
-        return make_fabric(resolve_device(device, gpu_ids))
+        resolved = resolve_device(device, gpu_ids)
+        if resolved.type == "cuda" and len(gpu_ids) > 1:
+            log.warning("gpu_ids lists %d GPUs, but this is one process, on %s: to train on all of them, start one "
+                        "process per GPU with torchrun --nproc_per_node=%d", len(gpu_ids), resolved, len(gpu_ids))
+        return make_fabric(resolved)
     cuda = device != "cpu" and (device.startswith("cuda") or torch.cuda.is_available())
     if cuda:
         if device not in ("auto", "cuda"):
