@@ -60,7 +60,8 @@ def traffic(processes: int, feats_bytes: int) -> dict[str, float]:
 
 def camvid_feats(fixture: Path, images: Path, n: int) -> torch.Tensor:
     backbone = vit("vit_tiny", 16)
-    load_backbone_weights(backbone, str(fixture), "vit_tiny", 16)
+    load_backbone_weights(backbone, PretrainedConfig(model_type="vit_tiny", dino_patch_size=16,
+                                                     pretrained_weights=str(fixture)))
     net = PPAPNet(backbone, dropout=False).eval()
     files = sorted(images.iterdir())[:n]
     batch = []

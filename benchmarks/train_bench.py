@@ -7,6 +7,7 @@ speed does not depend on them.
 
     python benchmarks/train_bench.py --arch vit_tiny --patch 16 --batch 8
     python benchmarks/train_bench.py --arch vit_small --patch 8 --batch 8 --device cuda --precision fp16
+    python benchmarks/train_bench.py --family dinov2 --arch vit_small --patch 14 --batch 8
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from benchmarks.loss_bench import PAPER_COEFF, straightforward_loss  # noqa: E40
 from engine.train import build_optimizers, forward_losses  # noqa: E402
 from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
-from utils.config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
+from utils.config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
 from utils.device import autocast, grad_scaler  # noqa: E402
 from utils.distributed import ONE_PROCESS  # noqa: E402
 
@@ -60,8 +61,8 @@ def train_step(modules, optimizers, scaler, loss_fn, img, label, precision: str,
 
 def images_per_second(loss_fn, args, device: torch.device) -> float:
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=BACKBONE_WIDTH[args.arch], pretrained=PretrainedConfig(
-        model_type=args.arch, dino_patch_size=args.patch, pretrained_weights="none"))
+    cfg = ModelConfig(dim=BACKBONES[args.family].widths[args.arch], pretrained=PretrainedConfig(
+        name=args.family, model_type=args.arch, dino_patch_size=args.patch, pretrained_weights="none"))
     net, linear, cluster = (m.to(device) for m in build_model(cfg, N_CLASSES))
     optimizers = build_optimizers(OptimizerConfig(), net, linear, cluster)
     scaler = grad_scaler(device, args.precision)
@@ -79,8 +80,9 @@ def images_per_second(loss_fn, args, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="vit_small", choices=sorted(BACKBONE_WIDTH))
-    parser.add_argument("--patch", type=int, default=8, choices=(8, 16))
+    parser.add_argument("--family", default="dino", choices=sorted(BACKBONES))
+    parser.add_argument("--arch", default="vit_small", help="a model_type of the family")
+    parser.add_argument("--patch", type=int, default=8, help="the family's patch size (8 or 16, 14, 16)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,7 +94,7 @@ def main() -> None:
     plain = images_per_second(StraightforwardPPAP(), args, device)
     if args.json:
         print(json.dumps({"straightforward_images_per_s": plain, "ours_images_per_s": ours}))
-    print(f"training step, {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, device={device}, "
+    print(f"training step, {args.family} {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, device={device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"  straightforward loss {plain:8.2f} images/s")
     print(f"  ours                 {ours:8.2f} images/s   ({ours / plain:.2f}x)")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from model import ClusterProbe, PPAPNet, build_model
-from model.weights import describe_vit_state_dict, load_state_dict_exactly
+from model.weights import describe_vit_state_dict, description_of, load_state_dict_exactly
 from utils.config import ModelConfig
 from utils.errors import WeightsError
 from utils.files import read_torch_file
@@ -97,12 +97,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def check_fits(ckpt: Mapping[str, Any], cfg: ModelConfig, n_classes: int, source: str) -> None:
     """Refuse a checkpoint whose backbone, probes or class count differ from the option file, naming what differs."""
     net = ckpt["net_model_state_dict"]
-    wanted = f"{cfg.pretrained.model_type}/{cfg.pretrained.dino_patch_size}"
+    wanted = description_of(cfg.pretrained)
     backbone = {k[len("model."):]: v for k, v in net.items() if k.startswith("model.")}
     found = describe_vit_state_dict(backbone)
     if found is not None and found != wanted:
-        raise WeightsError(f"{source}: the checkpoint holds a {found} backbone; the options ask for {wanted} "
-                           f"(model.pretrained.model_type / dino_patch_size)")
+        raise WeightsError(f"{source}: the checkpoint holds a {found} backbone; the options ask for a {wanted} "
+                           f"(model.pretrained.name / model_type / dino_patch_size)")
     clusters = ckpt["cluster_model_state_dict"].get("clusters")
     n_clusters = n_classes + cfg.extra_clusters
     if clusters is not None and tuple(clusters.shape) != (n_clusters, cfg.dim):

@@ -2,8 +2,9 @@
 
 ``evaluate()`` is the one evaluation loop: training validates with it. ``evaluate_and_report()`` is the one
 evaluation of saved checkpoints, behind eval.py, the end of a training run and ``run.py --test``. What is computed:
-- the code is upsampled bilinearly (align_corners False) to the label size before the probes, so every pixel of
-  the 320 x 320 label gets its own prediction;
+- the image goes into the network at 320 x 320, or at the nearest multiple of the patch size (322 x 322 for a
+  patch of 14; bilinear resize); the code is upsampled bilinearly (align_corners False) to the label size before
+  the probes, so every pixel of the 320 x 320 label gets its own prediction;
 - linear prediction = argmax of the linear probe; cluster prediction = the nearest centroid (one-hot argmax);
 - for the CRF: log-softmax of the linear logits, and log-softmax(2 x cosine similarities) of the cluster probe
   (the sharpening by 2 is the setting PPAP's and STEGO's published CRF numbers were computed with);
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from dataset import build_dataset, class_names, color_map, make_loader, require_labels
 from engine.checkpoint import config_differences, networks_from_checkpoint
+from model.ppap import fit_to_patches
 from utils.config import Config, EvalConfig, config_from_dict, config_to_dict
 from utils.crf import CRFPool
 from utils.device import autocast
@@ -123,7 +125,9 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
                 with autocast(device, precision):
-                    code = F.interpolate(net(img).code, label.shape[-2:], mode="bilinear", align_corners=False)
+                    # a patch of 14 does not divide 320: the image goes in at 322 (model.fit_to_patches)
+                    code = net(fit_to_patches(img, net.patch_size)).code
+                    code = F.interpolate(code, label.shape[-2:], mode="bilinear", align_corners=False)
                     linear_logits = linear_probe(code)
                     cluster_out = cluster_probe(code, is_direct=cfg.is_direct)
                 linear_pred, cluster_pred = linear_logits.argmax(1), cluster_out.inner.argmax(1)

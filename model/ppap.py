@@ -1,4 +1,4 @@
-"""The PPAP network (a frozen DINO ViT with a trainable copy of its last block) and the two evaluation probes.
+"""The PPAP network (a frozen ViT of the DINO family with a trainable copy of its last block) and the two probes.
 
 State-dict names match the released PPAP checkpoints: the network's keys are ``model.*`` (the ViT),
 ``decoder.*`` and ``project_head.*``; the linear probe has ``weight`` and ``bias``; the cluster probe ``clusters``.
@@ -26,7 +26,10 @@ class NetOutput(NamedTuple):
 
 
 class PPAPNet(nn.Module):
-    """DINO ViT (frozen) -> trainable copy of its last block on the second-to-last block's output -> code."""
+    """ViT (frozen) -> trainable copy of its last block on the second-to-last block's output -> code.
+
+    The same for every backbone family: with DINOv3 the decoder applies the backbone's rotary embedding like the
+    block it copies; ``code`` and ``feats`` hold the patch tokens only (no CLS, register or storage tokens)."""
 
     def __init__(self, backbone: VisionTransformer, dropout: bool = True) -> None:
         super().__init__()
@@ -56,16 +59,18 @@ class PPAPNet(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
         h, w = height // self.patch_size, width // self.patch_size
+        skip = self.model.num_prefix_tokens
+        rope = self.model.rope(height, width)
         with torch.no_grad():  # the whole ViT is frozen: keep no activations for the backward pass
             x = self.model.prepare_tokens(img)
             for block in self.model.blocks[:-1]:
-                x = block(x)
-            feats = self.model.norm(self.model.blocks[-1](x))
+                x = block(x, rope)
+            feats = self.model.norm(self.model.blocks[-1](x, rope))
         # The final norm's parameters are frozen, but gradients flow through it into the decoder.
-        code = self.model.norm(self.decoder(x))
-        code = _tokens_to_map(code, h, w)
+        code = self.model.norm(self.decoder(x, rope))
+        code = _tokens_to_map(code, h, w, skip)
         z = F.normalize(self.project_head(code.permute(0, 2, 3, 1).reshape(b * h * w, -1)), dim=1)
-        feats = _tokens_to_map(feats, h, w)
+        feats = _tokens_to_map(feats, h, w, skip)
         if dropout_mask is not None and self.training and self.drops_features:
             feats = feats * dropout_mask[:, :, None, None].to(feats.dtype)
         else:
@@ -79,9 +84,19 @@ def dropout_mask(n_images: int, channels: int, generator: torch.Generator, p: fl
     return torch.empty(n_images, channels).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
 
 
-def _tokens_to_map(tokens: Tensor, h: int, w: int) -> Tensor:
-    """(B, 1 + h*w, C) tokens -> (B, C, h, w) map without the CLS token."""
-    return tokens[:, 1:].reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+def _tokens_to_map(tokens: Tensor, h: int, w: int, skip: int) -> Tensor:
+    """(B, skip + h*w, C) tokens -> (B, C, h, w) map of the patch tokens (the ``skip`` tokens before them dropped)."""
+    return tokens[:, skip:].reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
+def fit_to_patches(img: Tensor, patch_size: int) -> Tensor:
+    """``img`` resized (bilinear) to the nearest multiple of ``patch_size`` on each side, if it is not one already:
+    evaluation images are 320 x 320, which a patch of 14 does not divide (322 does)."""
+    height, width = img.shape[-2:]
+    size = [max(patch_size, round(side / patch_size) * patch_size) for side in (height, width)]
+    if size == [height, width]:
+        return img
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False)
 
 
 class ClusterOutput(NamedTuple):
@@ -113,9 +128,9 @@ def build_model(cfg: ModelConfig, n_classes: int, load_backbone: bool = True) ->
     for callers that load a whole PPAP checkpoint next (evaluation), so nothing is downloaded.
     """
     pretrained = cfg.pretrained
-    backbone = vit(pretrained.model_type, pretrained.dino_patch_size)
+    backbone = vit(pretrained.model_type, pretrained.dino_patch_size, family=pretrained.name)
     if load_backbone:
-        load_backbone_weights(backbone, pretrained.pretrained_weights, pretrained.model_type, pretrained.dino_patch_size)
+        load_backbone_weights(backbone, pretrained)
     net = PPAPNet(backbone, dropout=pretrained.dropout)
     linear_probe = nn.Conv2d(cfg.dim, n_classes, kernel_size=1)
     cluster_probe = ClusterProbe(cfg.dim, n_classes + cfg.extra_clusters)

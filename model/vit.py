@@ -1,27 +1,80 @@
-"""The DINO Vision Transformer, with the exact parameter names of the official DINO checkpoints.
+"""The Vision Transformers of DINO, DINOv2 (plain and with registers) and DINOv3, with the exact parameter names of
+their official checkpoints.
 
-Names (cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
-norm) match facebookresearch/dino's vision_transformer.py, so official weights load with strict=True and no
-renaming. Attention uses torch's scaled_dot_product_attention (the same function as DINO's explicit
-softmax(q k^T * scale) v, computed by a fused kernel where one exists).
+One ``VisionTransformer`` serves the four families; ``FAMILIES`` says how they differ:
+- DINO (facebookresearch/dino): learned position embedding for a 224-px grid, resized by scale factor with a 0.1
+  offset (dino issue #8); LayerNorm eps 1e-6; GELU MLP; no LayerScale.
+- DINOv2 (facebookresearch/dinov2, as its hub builds the models): learned position embedding for a 518-px grid
+  (37 x 37 patches of 14 px), resized in float32 like DINO's (plain models) or to the target size with
+  antialiasing (the ``_reg`` models); 4 register tokens after the CLS token (``_reg``), added after the position
+  embedding; LayerScale; LayerNorm eps 1e-6; the giant uses a fused SwiGLU (``w12``, ``w3``).
+- DINOv3 (facebookresearch/dinov3, its hub ViTs): no position embedding; axial rotary embedding (RoPE) of the patch
+  tokens' rows and columns in every attention, in float32, coordinates normalised separately per axis; 4 storage
+  tokens after the CLS token; the qkv layer's key bias masked out by its ``bias_mask`` buffer; LayerScale; LayerNorm
+  eps 1e-5; the "plus" sizes use SwiGLU (``w1``, ``w2``, ``w3``). The hub models jitter and rescale the RoPE
+  coordinates in training mode: augmentations of DINOv3's own pretraining, which PPAP's frozen backbone and its
+  decoder must never apply, so this RoPE has none (it is the same in training and evaluation mode).
+
+Attention uses torch's scaled_dot_product_attention (softmax(q k^T / sqrt(head_dim)) v, fused where a kernel exists).
+The PPAP network runs ``prepare_tokens``, ``rope`` and the blocks itself, because it needs the output of the
+second-to-last block as well as the last one; there is no ``forward``.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.config import BACKBONE_WIDTH
+from utils.config import BACKBONES
 
-DEPTH = 12  # every DINO ViT has 12 blocks
-NUM_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}  # as DINO's vit_tiny / vit_small / vit_base
-MLP_RATIO = 4
-LAYER_NORM_EPS = 1e-6  # DINO: partial(nn.LayerNorm, eps=1e-6)
-PRETRAIN_IMG_SIZE = 224  # pos_embed of the released checkpoints covers a 224 x 224 image
-POS_EMBED_OFFSET = 0.1  # DINO adds 0.1 to the target grid before interpolating (dino issue #8)
-INIT_STD = 0.02  # DINO's trunc_normal_ std for weights, pos_embed and cls_token
+Rope = Optional[tuple[Tensor, Tensor]]  # (sin, cos) of the patch tokens, (h*w, head_dim) each, or None
+
+
+class Arch(NamedTuple):
+    depth: int
+    num_heads: int
+    ffn_ratio: float = 4.0
+    swiglu: bool = False
+
+
+ARCHS = {  # (family, model_type) -> the official model's shape (width: utils.config.BACKBONES)
+    ("dino", "vit_tiny"): Arch(12, 3), ("dino", "vit_small"): Arch(12, 6), ("dino", "vit_base"): Arch(12, 12),
+    ("dinov2", "vit_small"): Arch(12, 6), ("dinov2", "vit_base"): Arch(12, 12), ("dinov2", "vit_large"): Arch(24, 16),
+    ("dinov2", "vit_giant2"): Arch(40, 24, swiglu=True),
+    ("dinov3", "vit_small"): Arch(12, 6), ("dinov3", "vit_small_plus"): Arch(12, 6, 6.0, swiglu=True),
+    ("dinov3", "vit_base"): Arch(12, 12), ("dinov3", "vit_large"): Arch(24, 16),
+    ("dinov3", "vit_huge_plus"): Arch(32, 20, 6.0, swiglu=True),
+}
+for _size in ("vit_small", "vit_base", "vit_large", "vit_giant2"):  # the same models, with registers
+    ARCHS[("dinov2_reg", _size)] = ARCHS[("dinov2", _size)]
+
+
+class FamilySpec(NamedTuple):
+    norm_eps: float
+    layer_scale: bool
+    extra_tokens: int  # registers (DINOv2) or storage tokens (DINOv3) after the CLS token
+    position: str  # "learned" (resized) or "rope"
+    pretrain_img_size: int  # the image size the learned position embedding covers
+    pos_offset: float  # added to the target grid when resizing by scale factor; 0: resize to the size
+    pos_antialias: bool
+    pos_in_fp32: bool  # DINOv2 resizes in float32 and adds the embedding in the tokens' dtype
+    masked_k_bias: bool  # DINOv3: the key part of the qkv bias is multiplied by the bias_mask buffer
+    mask_token: bool  # a (unused) mask_token parameter is part of the official state dict
+    fused_swiglu: bool  # DINOv2's SwiGLU keeps w1 and w2 as one layer, w12
+
+
+FAMILIES = {
+    "dino": FamilySpec(1e-6, False, 0, "learned", 224, 0.1, False, False, False, False, False),
+    "dinov2": FamilySpec(1e-6, True, 0, "learned", 518, 0.1, False, True, False, True, True),
+    "dinov2_reg": FamilySpec(1e-6, True, 4, "learned", 518, 0.0, True, True, False, True, True),
+    "dinov3": FamilySpec(1e-5, True, 4, "rope", 224, 0.0, False, False, True, True, False),
+}
+ROPE_BASE = 100.0  # DINOv3's hub models: periods base ** (2 i / (head_dim / 2))
+INIT_STD = 0.02  # trunc_normal_ std of weights, position embedding and tokens in all three codebases
+LAYER_SCALE_INIT = 1e-5
 
 
 class PatchEmbed(nn.Module):
@@ -34,18 +87,48 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+class MaskedKBiasLinear(nn.Linear):
+    """DINOv3's qkv layer: its bias times ``bias_mask`` (1 for q and v, 0 for k), a buffer of the checkpoint."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__(dim, out)
+        mask = torch.ones(out)
+        mask[out // 3: 2 * out // 3] = 0.0
+        self.register_buffer("bias_mask", mask)
 
     def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, masked_k_bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = MaskedKBiasLinear(dim, dim * 3) if masked_k_bias else nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: Rope = None) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # default scale head_dim ** -0.5, as DINO
+        if rope is not None:
+            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # default scale head_dim ** -0.5, as all three
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def _apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate the patch tokens of ``x`` (B, heads, N, head_dim), in the rope's dtype (float32), as DINOv3 does;
+    the tokens before them (CLS, storage) are left as they are."""
+    sin, cos = rope
+    prefix = x.shape[-2] - sin.shape[-2]
+    patches = x[:, :, prefix:].to(sin.dtype)
+    patches = (patches * cos + rotate_half(patches) * sin).to(x.dtype)
+    return torch.cat((x[:, :, :prefix], patches), dim=-2)
 
 
 class Mlp(nn.Module):
@@ -59,42 +142,112 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = MLP_RATIO) -> None:
+class SwiGLU(nn.Module):
+    """silu(w1 x) * (w2 x) -> w3: DINOv3's layers w1, w2, w3, or DINOv2's w12 (w1 and w2 in one) and w3."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.fused = fused
+        if fused:
+            self.w12 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.w1 = nn.Linear(dim, hidden)
+            self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x1, x2 = self.w12(x).chunk(2, dim=-1) if self.fused else (self.w1(x), self.w2(x))
+        return self.w3(F.silu(x1) * x2)
+
+
+def swiglu_hidden(dim: int, ffn_ratio: float, fused: bool) -> int:
+    """SwiGLU width: two thirds of the MLP's, rounded up to a multiple of 8 (DINOv2 adds 7 first, as its code)."""
+    two_thirds = int(int(dim * ffn_ratio) * 2 / 3)
+    return (two_thirds + 7) // 8 * 8 if fused else two_thirds + (-two_thirds % 8)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, arch: Arch, spec: FamilySpec) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        self.attn = Attention(dim, arch.num_heads, spec.masked_k_bias)
+        self.ls1 = LayerScale(dim) if spec.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=spec.norm_eps)
+        hidden = int(dim * arch.ffn_ratio)
+        if arch.swiglu:
+            self.mlp = SwiGLU(dim, swiglu_hidden(dim, arch.ffn_ratio, spec.fused_swiglu), spec.fused_swiglu)
+        else:
+            self.mlp = Mlp(dim, hidden)
+        self.ls2 = LayerScale(dim) if spec.layer_scale else nn.Identity()
+
+    def forward(self, x: Tensor, rope: Rope = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class RopeEmbedding(nn.Module):
+    """DINOv3's axial RoPE: sin and cos of 2 pi x / period for the row and the column coordinate of each patch, in
+    [-1, 1] normalised separately per axis, without the coordinate augmentations of DINOv3's pretraining."""
+
+    def __init__(self, head_dim: int, base: float = ROPE_BASE) -> None:
+        super().__init__()
+        quarter = head_dim // 4
+        self.register_buffer("periods", base ** (2 * torch.arange(quarter, dtype=torch.float32) / (head_dim // 2)))
+
+    def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        device, dtype = self.periods.device, torch.float32
+        rows = torch.arange(0.5, h, device=device, dtype=dtype) / h
+        cols = torch.arange(0.5, w, device=device, dtype=dtype) / w
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0  # (hw, 2)
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]  # (hw, 2, head_dim / 4)
+        angles = angles.flatten(1, 2).tile(2)  # (hw, head_dim): rows then columns, twice
+        return torch.sin(angles), torch.cos(angles)
 
 
 class VisionTransformer(nn.Module):
-    """DINO's ViT without a classification head (DINO's ``num_classes=0``).
+    """The backbone of one family and size, without a head (the official ``num_classes=0`` / ``nn.Identity``)."""
 
-    It has no ``forward``: the PPAP network runs ``prepare_tokens`` and the blocks itself, because it needs the
-    output of the second-to-last block as well as the last one.
-    """
-
-    def __init__(self, patch_size: int = 16, embed_dim: int = 384, depth: int = DEPTH, num_heads: int = 6,
-                 img_size: int = PRETRAIN_IMG_SIZE) -> None:
+    def __init__(self, family: str = "dino", model_type: str = "vit_small", patch_size: int = 16,
+                 depth: Optional[int] = None) -> None:
         super().__init__()
+        spec, arch = FAMILIES[family], ARCHS[(family, model_type)]
+        if depth is not None:
+            arch = arch._replace(depth=depth)
+        embed_dim = BACKBONES[family].widths[model_type]
+        self.family, self.spec = family, spec
         self.patch_size = patch_size
         self.embed_dim = embed_dim
-        num_patches = (img_size // patch_size) ** 2
+        self.num_prefix_tokens = 1 + spec.extra_tokens  # CLS, then registers or storage tokens
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        if spec.position == "learned":
+            grid = spec.pretrain_img_size // patch_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
+        if spec.extra_tokens and family.startswith("dinov2"):
+            self.register_tokens = nn.Parameter(torch.zeros(1, spec.extra_tokens, embed_dim))
+        elif spec.extra_tokens:
+            self.storage_tokens = nn.Parameter(torch.zeros(1, spec.extra_tokens, embed_dim))
+        if spec.mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # used by the family's pretraining only
+        self.rope_embed = RopeEmbedding(embed_dim // arch.num_heads) if spec.position == "rope" else None
+        self.blocks = nn.ModuleList([Block(embed_dim, arch, spec) for _ in range(arch.depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=spec.norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        # a random start (pretrained_weights "none"); DINO's order of draws, so that its random ViTs stay the same
+        for name in ("pos_embed", "cls_token", "register_tokens", "storage_tokens"):
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name), std=INIT_STD)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=INIT_STD)
@@ -104,37 +257,56 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, num_tokens: int, height: int, width: int) -> Tensor:
-        """Position embedding for an image of ``height`` x ``width`` pixels, computed as DINO does.
+        """Position embedding (CLS first) for an image of ``height`` x ``width`` pixels, computed as the family's
+        official code does.
 
-        DINO resizes the pretrained grid with ``scale_factor=(h0 + 0.1) / sqrt(N)`` rather than ``size=``:
-        bicubic interpolation then places its samples by that scale, so a plain ``size=`` resize would give
-        different numbers than the official code at every resolution other than the pretraining one.
+        DINO and DINOv2 resize the pretrained grid with ``scale_factor=(h0 + 0.1) / sqrt(N)`` rather than
+        ``size=``: bicubic interpolation then places its samples by that scale, so a plain ``size=`` resize would
+        give different numbers at every resolution other than the pretraining one. DINOv2's ``_reg`` models
+        resize to the size, with antialiasing.
         """
         n = self.pos_embed.shape[1] - 1
         if num_tokens - 1 == n and height == width:
             return self.pos_embed
+        spec = self.spec
         side = int(math.sqrt(n))
-        h0 = height // self.patch_size + POS_EMBED_OFFSET
-        w0 = width // self.patch_size + POS_EMBED_OFFSET
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(h0 / math.sqrt(n), w0 / math.sqrt(n)), mode="bicubic")
-        if grid.shape[-2:] != (int(h0), int(w0)):
-            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(int(h0), int(w0))}")
+        rows, cols = height // self.patch_size, width // self.patch_size
+        pos_embed = self.pos_embed.float() if spec.pos_in_fp32 else self.pos_embed
+        grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if spec.pos_offset:
+            resize = {"scale_factor": ((rows + spec.pos_offset) / side, (cols + spec.pos_offset) / side)}
+        else:
+            resize = {"size": (rows, cols)}
+        grid = F.interpolate(grid, mode="bicubic", antialias=spec.pos_antialias, **resize)
+        if grid.shape[-2:] != (rows, cols):
+            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
         grid = grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])
-        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
+        return torch.cat((pos_embed[:, :1], grid), dim=1)
 
     def prepare_tokens(self, img: Tensor) -> Tensor:
-        """Patch embedding, CLS token and (interpolated) position embedding: (B, 1 + h*w, C)."""
+        """Patch embedding and the tokens before the patches, with the (resized) position embedding where the family
+        has one: (B, num_prefix_tokens + h*w, C)."""
         _, _, height, width = img.shape
         x = self.patch_embed(img)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return x + self.interpolate_pos_encoding(x.shape[1], height, width)
+        b = x.shape[0]
+        if self.rope_embed is not None:  # DINOv3: CLS (plus 0 x the mask token, as its code), storage, patches
+            cls = self.cls_token + 0 * self.mask_token
+            return torch.cat((cls.expand(b, -1, -1), self.storage_tokens.expand(b, -1, -1), x), dim=1)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        pos = self.interpolate_pos_encoding(x.shape[1], height, width)
+        x = x + (pos.to(x.dtype) if self.spec.pos_in_fp32 else pos)
+        if self.num_prefix_tokens > 1:  # DINOv2's registers come after the CLS token, without position embedding
+            x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def rope(self, height: int, width: int) -> Rope:
+        """The rotary embedding of an image of ``height`` x ``width`` pixels for every block (None without RoPE)."""
+        if self.rope_embed is None:
+            return None
+        return self.rope_embed(height // self.patch_size, width // self.patch_size)
 
 
-def vit(model_type: str, patch_size: int, depth: int = DEPTH) -> VisionTransformer:
-    """DINO's ``vit_tiny`` / ``vit_small`` / ``vit_base`` with the given patch size.
-
-    ``depth`` is 12 for every released DINO model; tests build shallower ViTs where the depth does not matter.
-    """
-    return VisionTransformer(patch_size=patch_size, embed_dim=BACKBONE_WIDTH[model_type],
-                             num_heads=NUM_HEADS[model_type], depth=depth)
+def vit(model_type: str, patch_size: int, depth: Optional[int] = None, family: str = "dino") -> VisionTransformer:
+    """The official ``model_type`` of ``family`` (DINO's ``vit_tiny`` / ``vit_small`` / ``vit_base``, ...) with the
+    given patch size. ``depth`` defaults to the official one; tests build shallower ViTs where it does not matter."""
+    return VisionTransformer(family, model_type, patch_size, depth)

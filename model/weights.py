@@ -1,7 +1,9 @@
-"""Backbone weights: the official DINO download, local files in every format we know, or a random start.
+"""Backbone weights: the official DINO and DINOv2 downloads, local files in every format we know, or a random start.
 
 Every state dict is loaded with strict=True after an explicit comparison of keys and shapes, so a file that
-does not fit is an error that says what differs, never a silently random backbone.
+does not fit is an error that says what differs (and, for a file of another family or size, what it looks like),
+never a silently random backbone. DINOv3's weights are distributed only after accepting its licence: they come
+from a local file.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.files import read_torch_file
-from utils.config import BACKBONE_WIDTH, NONE_WEIGHTS
+from utils.config import BACKBONES, NONE_WEIGHTS, PretrainedConfig
 from utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,17 @@ DINO_RELEASES = {  # (arch, patch) -> file of the official release, as in DINO's
     ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
     ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
 }
-PREFIXES_TO_STRIP = ("module.", "backbone.")  # DINO training checkpoints wrap the ViT in DDP and MultiCropWrapper
+DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2/"  # the hub's files: dinov2_vits14/dinov2_vits14_reg4_pretrain.pth
+DINOV3_DOWNLOADS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+DINOV3_FILES = {  # the LVD-1689M releases, as DINOv3's hub names them
+    "vit_small": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+    "vit_small_plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+    "vit_base": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+    "vit_large": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
+    "vit_huge_plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth",
+}
+UNUSED_KEYS = ("local_cls_norm.",)  # DINOv3's satellite ViT-L: a norm of its pretraining's local crops only
+DDP_PREFIX, BACKBONE_PREFIX = "module.", "backbone."  # training checkpoints: DDP, and the ViT beside its heads
 TRAINING_ONLY_PREFIX = "head."  # the DINO projection head, not part of the backbone
 PPAP_BACKBONE_PREFIX = "model."  # where a PPAP checkpoint's net_model_state_dict keeps the ViT
 
@@ -39,30 +51,45 @@ def dino_url(model_type: str, patch_size: int) -> str:
         ) from None
 
 
-def load_backbone_weights(vit: nn.Module, pretrained_weights: Optional[str], model_type: str, patch_size: int) -> str:
-    """Fill ``vit`` according to ``model.pretrained.pretrained_weights``; returns a description of the source."""
-    if pretrained_weights == NONE_WEIGHTS:
-        log.warning("model.pretrained.pretrained_weights is \"none\": the %s/%d backbone is RANDOMLY initialised. "
-                    "Its features carry no semantics; use this for smoke tests only.", model_type, patch_size)
+def official_url(pretrained: PretrainedConfig) -> str:
+    """Where the official weights of the configured backbone are downloaded from (DINO, DINOv2)."""
+    if pretrained.name == "dino":
+        return dino_url(pretrained.model_type, pretrained.dino_patch_size)
+    if pretrained.name.startswith("dinov2"):
+        arch = pretrained.model_type.replace("_", "")[:4] + str(pretrained.dino_patch_size)  # vits14, vitg14, ...
+        registers = "_reg4" if pretrained.name == "dinov2_reg" else ""
+        return f"{DINOV2_BASE_URL}dinov2_{arch}/dinov2_{arch}{registers}_pretrain.pth"
+    raise WeightsError(
+        f"DINOv3 weights are distributed only after accepting Meta's DINOv3 licence, so they are not downloaded "
+        f"here: request them at {DINOV3_DOWNLOADS}, download {DINOV3_FILES[pretrained.model_type]} and pass it with "
+        f"model.pretrained.pretrained_weights=/path/to/{DINOV3_FILES[pretrained.model_type]}")
+
+
+def load_backbone_weights(vit: nn.Module, pretrained: PretrainedConfig) -> str:
+    """Fill ``vit`` according to ``model.pretrained`` (its ``pretrained_weights``); returns a description of the
+    source."""
+    weights, wanted = pretrained.pretrained_weights, pretrained.description
+    if weights == NONE_WEIGHTS:
+        log.warning("model.pretrained.pretrained_weights is \"none\": the %s backbone is RANDOMLY initialised. "
+                    "Its features carry no semantics; use this for smoke tests only.", wanted)
         return "random initialisation"
-    if pretrained_weights is None:
-        url = dino_url(model_type, patch_size)
-        state_dict = _download(url)
-        source = url
+    if weights is None:
+        source = official_url(pretrained)
+        state_dict = _download(source, BACKBONES[pretrained.name].label)
     else:
-        state_dict = read_torch_file(pretrained_weights, "weight file")
-        source = pretrained_weights
+        state_dict = read_torch_file(weights, "weight file")
+        source = weights
     load_state_dict_exactly(vit, extract_backbone_state_dict(state_dict, source), source,
-                            expected=f"{model_type}/{patch_size}")
+                            expected=description_of(pretrained))
     return source
 
 
-def _download(url: str) -> dict[str, Tensor]:
+def _download(url: str, family: str) -> dict[str, Tensor]:
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
     except Exception as err:  # network errors come from urllib, http and ssl alike
         raise WeightsError(
-            f"could not download the DINO weights from {url} ({type(err).__name__}: {err}). Download the file "
+            f"could not download the {family} weights from {url} ({type(err).__name__}: {err}). Download the file "
             f"elsewhere and pass it with model.pretrained.pretrained_weights=/path/to/file.pth"
         ) from None
 
@@ -71,7 +98,8 @@ def extract_backbone_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
     """The ViT's state dict from any of the formats we accept.
 
     - a released DINO backbone: a plain state dict with the ViT's keys;
-    - a DINO training checkpoint: ``obj["teacher"]``, keys prefixed ``module.`` / ``backbone.``, plus ``head.*``;
+    - a training checkpoint of DINO, DINOv2 or DINOv3: ``obj["teacher"]``, the ViT's keys prefixed ``backbone.``
+      (and ``module.``) beside its heads' (``head.*``, ``dino_head.*``, ``ibot_head.*``);
     - a PPAP checkpoint: ``obj["net_model_state_dict"]``, the ViT under ``model.*``.
     """
     if not isinstance(obj, Mapping):
@@ -83,24 +111,46 @@ def extract_backbone_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
         obj = {k[len(PPAP_BACKBONE_PREFIX):]: v for k, v in net.items() if k.startswith(PPAP_BACKBONE_PREFIX)}
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{source}: not a state dict of tensors (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+    wrapped = any(key.removeprefix(DDP_PREFIX).startswith(BACKBONE_PREFIX) for key in obj)
     state_dict = {}
     for key, value in obj.items():
-        for prefix in PREFIXES_TO_STRIP:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if not key.startswith(TRAINING_ONLY_PREFIX):
+        key = key.removeprefix(DDP_PREFIX)
+        if wrapped:  # a training checkpoint: the backbone's keys, not its heads' (DINO's head, DINOv2/v3's dino_head ...)
+            if not key.startswith(BACKBONE_PREFIX):
+                continue
+            key = key[len(BACKBONE_PREFIX):]
+        if not key.startswith((TRAINING_ONLY_PREFIX, *UNUSED_KEYS)):
             state_dict[key] = value
     return state_dict
 
 
 def describe_vit_state_dict(state_dict: Mapping[str, Tensor]) -> Optional[str]:
-    """'vit_small/8'-style name of the ViT a state dict holds, when its shapes say so."""
+    """'DINOv2 vit_small/14 with 4 registers'-style name of the ViT a state dict holds, when its keys and shapes say
+    so (the family from its characteristic keys, the size from its width, depth and feed-forward layer)."""
     proj = state_dict.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4:
         return None
     width, patch = proj.shape[0], proj.shape[-1]
-    names = [name for name, w in BACKBONE_WIDTH.items() if w == width]
-    return f"{names[0] if names else f'a ViT of width {width}'}/{patch}"
+    if "rope_embed.periods" in state_dict or "storage_tokens" in state_dict:
+        family, extra = "dinov3", ""
+    elif "register_tokens" in state_dict:
+        family, extra = "dinov2_reg", f" with {state_dict['register_tokens'].shape[1]} registers"
+    elif "blocks.0.ls1.gamma" in state_dict or "mask_token" in state_dict:
+        family, extra = "dinov2", ""
+    else:
+        family, extra = "dino", ""
+    swiglu = any(k.startswith("blocks.0.mlp.w") for k in state_dict)
+    sizes = [name for name, w in BACKBONES[family].widths.items()
+             if w == width and name.endswith("_plus") == (swiglu and family == "dinov3")]
+    label = BACKBONES[family].label.replace(" with registers", "")
+    return f"{label} {sizes[0] if sizes else f'ViT of width {width}'}/{patch}{extra}"
+
+
+def description_of(pretrained: PretrainedConfig) -> str:
+    """``describe_vit_state_dict``'s name for the backbone the options ask for."""
+    registers = " with 4 registers" if pretrained.name == "dinov2_reg" else ""
+    return f"{BACKBONES[pretrained.name].label.replace(' with registers', '')} {pretrained.model_type}/" \
+           f"{pretrained.dino_patch_size}{registers}"
 
 
 def load_state_dict_exactly(module: nn.Module, state_dict: Mapping[str, Tensor], source: str, expected: str = "") -> None:
@@ -119,7 +169,8 @@ def load_state_dict_exactly(module: nn.Module, state_dict: Mapping[str, Tensor],
         if shapes:
             problems.append(f"{len(shapes)} shape mismatch(es): {_listed(shapes)}")
         found = describe_vit_state_dict(state_dict)
-        hint = f" The file looks like {found}; the option file asks for {expected}." if found and expected and found != expected else ""
+        hint = (f" The file looks like a {found}; the option file asks for a {expected}."
+                if found and expected and found != expected else "")
         raise WeightsError(f"{source} does not fit the model: {'; '.join(problems)}.{hint}")
     module.load_state_dict(state_dict, strict=True)
 

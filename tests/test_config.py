@@ -89,7 +89,7 @@ def test_boolean_key_rejects_integer(tmp_path):
     ("training_coeff", "initialcrit_amb", -1.2, r"training_coeff\.initialcrit_amb must be a cosine similarity"),
     ("training_coeff", "tau", 0, r"training_coeff\.tau must be > 0"),
     ("model.pretrained", "model_type", "vit_huge", r"model\.pretrained\.model_type must be one of 'vit_tiny', 'vit_small', 'vit_base'"),
-    ("model.pretrained", "dino_patch_size", 14, r"model\.pretrained\.dino_patch_size must be one of 8, 16"),
+    ("model.pretrained", "dino_patch_size", 14, r"model\.pretrained\.dino_patch_size must be 8 or 16 for DINO \(name 'dino'; got 14\)"),
     ("model", "arch", "resnet", r"model\.arch must be one of 'dino'"),
     ("dataloader", "batch_size", 0, r"dataloader\.batch_size must be >= 1"),
     ("wandb", "mode", "sometimes", r"wandb\.mode must be one of 'online', 'offline', 'disabled'"),
@@ -110,7 +110,7 @@ def test_impossible_value_is_named(tmp_path, section, key, value, message):
 def test_dim_mismatch_names_both_values(tmp_path):
     data = original()
     data["model"]["dim"] = 768
-    with pytest.raises(ConfigError, match=r"model\.dim \(768\) must equal the width of vit_small \(384\)"):
+    with pytest.raises(ConfigError, match=r"model\.dim \(768\) must equal the width of DINO vit_small/8 \(384\)"):
         load_config(write(tmp_path, data))
 
 

@@ -99,7 +99,7 @@ def test_other_backbone_is_refused(released, capsys):
     status = run_main(eval_script.main, ["--opt", str(options), "--debug", "model.pretrained.model_type=vit_small",
                                          "model.dim=384"])
     assert status == 2
-    assert "holds a vit_tiny/16 backbone; the options ask for vit_small/16" in capsys.readouterr().err
+    assert "holds a DINO vit_tiny/16 backbone; the options ask for a DINO vit_small/16" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_named(released, capsys):

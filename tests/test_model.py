@@ -23,6 +23,11 @@ OFFICIAL_KEYS_BLOCK = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qk
                        "mlp.fc2.weight", "mlp.fc2.bias"]
 
 
+
+def weights(path, model_type: str, patch: int, family: str = "dino") -> PretrainedConfig:
+    """The options of a backbone of ``family`` loaded from ``path`` (None: the official download)."""
+    return PretrainedConfig(name=family, model_type=model_type, dino_patch_size=patch, pretrained_weights=path)
+
 def tiny_cfg(patch: int = 16, weights: str = "none", extra: int = 0) -> ModelConfig:
     return ModelConfig(dim=192, extra_clusters=extra,
                        pretrained=PretrainedConfig(model_type="vit_tiny", dino_patch_size=patch, pretrained_weights=weights))
@@ -51,7 +56,7 @@ def test_arch_widths_and_heads(model_type, width, heads):
 def test_shared_fixture_loads_strictly_into_vit_tiny16():
     assert FIXTURE.is_file(), f"shared fixture missing: {FIXTURE}"
     model = vit("vit_tiny", 16)
-    load_backbone_weights(model, str(FIXTURE), "vit_tiny", 16)
+    load_backbone_weights(model, weights(str(FIXTURE), "vit_tiny", 16))
     expected = torch.load(FIXTURE, weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
@@ -60,7 +65,7 @@ def test_plain_state_dict_file_loads_exactly(tmp_path):
     state = random_state_dict(seed=1)
     torch.save(state, tmp_path / "backbone.pth")
     model = vit("vit_tiny", 16)
-    load_backbone_weights(model, str(tmp_path / "backbone.pth"), "vit_tiny", 16)
+    load_backbone_weights(model, weights(str(tmp_path / "backbone.pth"), "vit_tiny", 16))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
@@ -77,7 +82,7 @@ def test_dino_training_checkpoint_loads_its_teacher(tmp_path):
     }
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     model = vit("vit_tiny", 16)
-    load_backbone_weights(model, str(tmp_path / "checkpoint.pth"), "vit_tiny", 16)
+    load_backbone_weights(model, weights(str(tmp_path / "checkpoint.pth"), "vit_tiny", 16))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
 
 
@@ -85,15 +90,15 @@ def test_ddp_wrapped_teacher_prefix_is_stripped(tmp_path):
     teacher = random_state_dict(seed=4)
     torch.save({"teacher": {f"module.backbone.{k}": v for k, v in teacher.items()}}, tmp_path / "c.pth")
     model = vit("vit_tiny", 16)
-    load_backbone_weights(model, str(tmp_path / "c.pth"), "vit_tiny", 16)
+    load_backbone_weights(model, weights(str(tmp_path / "c.pth"), "vit_tiny", 16))
     assert torch.equal(model.cls_token, teacher["cls_token"])
 
 
 def test_wrong_arch_file_names_shapes_and_what_it_looks_like(tmp_path):
     torch.save(random_state_dict("vit_small", 16), tmp_path / "small.pth")
     with pytest.raises(WeightsError, match=r"shape mismatch.*cls_token: file \[1, 1, 384\] vs model \[1, 1, 192\].*"
-                                           r"looks like vit_small/16; the option file asks for vit_tiny/16"):
-        load_backbone_weights(vit("vit_tiny", 16), str(tmp_path / "small.pth"), "vit_tiny", 16)
+                                           r"looks like a DINO vit_small/16; the option file asks for a DINO vit_tiny/16"):
+        load_backbone_weights(vit("vit_tiny", 16), weights(str(tmp_path / "small.pth"), "vit_tiny", 16))
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -103,18 +108,18 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     state["extra.bias"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(WeightsError, match=r"1 missing key\(s\): norm\.weight; 1 unexpected key\(s\): extra\.bias"):
-        load_backbone_weights(vit("vit_tiny", 16), str(tmp_path / "w.pth"), "vit_tiny", 16)
+        load_backbone_weights(vit("vit_tiny", 16), weights(str(tmp_path / "w.pth"), "vit_tiny", 16))
 
 
 def test_missing_weight_file_is_named(tmp_path):
     with pytest.raises(WeightsError, match=r"weight file .*absent\.pth not found"):
-        load_backbone_weights(vit("vit_tiny", 16), str(tmp_path / "absent.pth"), "vit_tiny", 16)
+        load_backbone_weights(vit("vit_tiny", 16), weights(str(tmp_path / "absent.pth"), "vit_tiny", 16))
 
 
 def test_unreadable_weight_file_is_named(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match=r"cannot read weight file .*junk\.pth"):
-        load_backbone_weights(vit("vit_tiny", 16), str(tmp_path / "junk.pth"), "vit_tiny", 16)
+        load_backbone_weights(vit("vit_tiny", 16), weights(str(tmp_path / "junk.pth"), "vit_tiny", 16))
 
 
 @pytest.mark.parametrize("model_type, patch, name", [
@@ -137,7 +142,7 @@ def test_null_weights_download_through_torch_hub(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
     model = vit("vit_small", 16)
-    load_backbone_weights(model, None, "vit_small", 16)
+    load_backbone_weights(model, weights(None, "vit_small", 16))
     assert seen == [DINO_BASE_URL + "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"]
     assert torch.equal(model.pos_embed, state["pos_embed"])
 
@@ -150,17 +155,17 @@ def test_download_failure_names_url_and_local_file_option(monkeypatch):
     with pytest.raises(WeightsError, match=r"could not download the DINO weights from https://dl\.fbaipublicfiles\.com/"
                                            r"dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain\.pth .*"
                                            r"model\.pretrained\.pretrained_weights=/path/to/file\.pth"):
-        load_backbone_weights(vit("vit_base", 8), None, "vit_base", 8)
+        load_backbone_weights(vit("vit_base", 8), weights(None, "vit_base", 8))
 
 
 def test_vit_tiny_has_no_official_release():
     with pytest.raises(WeightsError, match="no official DINO release for vit_tiny/16"):
-        load_backbone_weights(vit("vit_tiny", 16), None, "vit_tiny", 16)
+        load_backbone_weights(vit("vit_tiny", 16), weights(None, "vit_tiny", 16))
 
 
 def test_random_backbone_warns_loudly(caplog):
     with caplog.at_level(logging.WARNING):
-        load_backbone_weights(vit("vit_tiny", 16), "none", "vit_tiny", 16)
+        load_backbone_weights(vit("vit_tiny", 16), weights("none", "vit_tiny", 16))
     assert "RANDOMLY initialised" in caplog.text
 
 

@@ -17,14 +17,31 @@ import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 
 from utils.errors import ConfigError
 
-BACKBONE_WIDTH = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}  # DINO's vision_transformer.py
-PATCH_SIZES = (8, 16)  # the patch sizes DINO was released with
+
+
+class Family(NamedTuple):
+    """A backbone family (``model.pretrained.name``): the widths of its sizes (``model_type``) and its patch sizes."""
+
+    widths: dict[str, int]
+    patch_sizes: tuple[int, ...]
+    label: str  # how messages name it
+
+
+_DINOV2_WIDTHS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536}
+BACKBONES = {  # the sizes each family was released in (DINOv3: the hub's vits16, vits16plus, vitb16, vitl16, vith16plus)
+    "dino": Family({"vit_tiny": 192, "vit_small": 384, "vit_base": 768}, (8, 16), "DINO"),
+    "dinov2": Family(_DINOV2_WIDTHS, (14,), "DINOv2"),
+    "dinov2_reg": Family(_DINOV2_WIDTHS, (14,), "DINOv2 with registers"),
+    "dinov3": Family({"vit_small": 384, "vit_small_plus": 384, "vit_base": 768, "vit_large": 1024,
+                      "vit_huge_plus": 1280}, (16,), "DINOv3"),
+}
+BACKBONE_WIDTH = BACKBONES["dino"].widths  # DINO's vision_transformer.py
 DATA_TYPES = ("cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam", "potsdamraw", "directory", "demo")
 GATHER_PRECISIONS = ("fp32", "fp16", "bf16")  # train.gather_feats: fp32 is exact; the others halve the traffic
 WANDB_MODES = ("online", "offline", "disabled")
@@ -136,25 +153,35 @@ class TrainingCoeff:
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainedConfig:
-    name: str = "dino"
-    model_type: str = "vit_small"  # vit_tiny | vit_small | vit_base
-    dino_patch_size: int = 8  # 8 | 16
+    name: str = "dino"  # the backbone family: dino | dinov2 | dinov2_reg | dinov3
+    model_type: str = "vit_small"  # a size of the family: vit_tiny | vit_small | vit_base for DINO, ...
+    dino_patch_size: int = 8  # the family's patch: 8 | 16 for DINO, 14 for DINOv2, 16 for DINOv3
     dino_feat_type: str = "feat"  # only "feat" (the original reads nothing else)
-    pretrained_weights: Optional[str] = None  # null: official DINO download; a path; or "none": random
+    pretrained_weights: Optional[str] = None  # null: the official download; a path; or "none": random
     projection_type: str = "nonlinear"  # read by the original, unused: the projection is one Linear layer
     dropout: bool = True  # Dropout2d(0.1) on the frozen features the loss mines positives from
 
     def __post_init__(self) -> None:
-        _choice(self.name, "name", ("dino",))
-        _choice(self.model_type, "model_type", tuple(BACKBONE_WIDTH))
-        _choice(self.dino_patch_size, "dino_patch_size", PATCH_SIZES)
+        _choice(self.name, "name", tuple(BACKBONES))
+        family = BACKBONES[self.name]
+        _require(self.model_type in family.widths, "model_type",
+                 f"must be one of {', '.join(map(repr, family.widths))} for {family.label} (name "
+                 f"{self.name!r}; got {self.model_type!r})")
+        _require(self.dino_patch_size in family.patch_sizes, "dino_patch_size",
+                 f"must be {' or '.join(map(str, family.patch_sizes))} for {family.label} (name {self.name!r}; "
+                 f"got {self.dino_patch_size})")
         _choice(self.dino_feat_type, "dino_feat_type", ("feat",))
         _require(self.pretrained_weights != "", "pretrained_weights",
-                 "is empty: use null (official DINO weights), a file path, or \"none\" (random backbone)")
+                 "is empty: use null (official weights), a file path, or \"none\" (random backbone)")
 
     @property
     def width(self) -> int:
-        return BACKBONE_WIDTH[self.model_type]
+        return BACKBONES[self.name].widths[self.model_type]
+
+    @property
+    def description(self) -> str:
+        """How messages name the backbone: "DINOv2 vit_small/14"."""
+        return f"{BACKBONES[self.name].label} {self.model_type}/{self.dino_patch_size}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +201,7 @@ class ModelConfig:
         _choice(self.arch, "arch", ("dino",))
         _require(self.continuous, "continuous", "must be true (PPAP trains a continuous code)")
         _require(self.dim == self.pretrained.width, "dim",
-                 f"({self.dim}) must equal the width of {self.pretrained.model_type} ({self.pretrained.width})")
+                 f"({self.dim}) must equal the width of {self.pretrained.description} ({self.pretrained.width})")
         _require(self.extra_clusters >= 0, "extra_clusters", f"must be >= 0 (got {self.extra_clusters})")
 
 
