@@ -90,6 +90,15 @@ class Evaluation:
     n_images: int
     examples: list[dict[str, np.ndarray]]  # the first images with their predictions, for visualisation
 
+    def matching(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """The cluster probe's clusters matched to classes: ``{"classes": names, "no_crf": [class id of cluster k, or
+        -1], "crf": [...]}`` (no "crf" without CRF)."""
+        out: dict[str, Any] = {"classes": list(class_names),
+                               "no_crf": self.no_crf.cluster.cluster_to_class.tolist()}
+        if self.crf is not None:
+            out["crf"] = self.crf.cluster.cluster_to_class.tolist()
+        return out
+
     def metrics(self) -> dict[str, dict[str, float]]:
         """``{"no_crf": {metric: value}, "crf": {...}}`` (no "crf" without CRF), values in percent."""
         out = {"no_crf": self.no_crf.values}
@@ -101,8 +110,9 @@ class Evaluation:
 @torch.inference_mode()
 def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, loader: DataLoader,
              device: torch.device, precision: str, cfg: EvalConfig, n_classes: int, crf: bool = False,
-             n_examples: int = 0, desc: str = "eval", world: World = ONE_PROCESS) -> Evaluation:
-    """Score the probes on ``loader`` (labelled, 320 px); with ``crf`` also after dense-CRF refinement.
+             n_examples: int = 0, desc: str = "eval", world: World = ONE_PROCESS, tta: bool = False) -> Evaluation:
+    """Score the probes on ``loader`` (labelled, 320 px); with ``crf`` also after dense-CRF refinement; with ``tta``
+    on the code averaged with that of the mirrored image (``segment_code``).
 
     With several processes, ``loader`` holds this process's share of the images, and the result (metrics, loss,
     number of images) is that of all of them; ``n_examples`` of process 0's first images are kept."""
@@ -125,9 +135,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 img = batch["img"].to(device, non_blocking=True)
                 label = batch["label"].to(device, non_blocking=True)
                 with autocast(device, precision):
-                    # a patch of 14 does not divide 320: the image goes in at 322 (model.fit_to_patches)
-                    code = net(fit_to_patches(img, net.patch_size)).code
-                    code = F.interpolate(code, label.shape[-2:], mode="bilinear", align_corners=False)
+                    code = F.interpolate(segment_code(net, img, tta), label.shape[-2:], mode="bilinear",
+                                         align_corners=False)
                     linear_logits = linear_probe(code)
                     cluster_out = cluster_probe(code, is_direct=cfg.is_direct)
                 linear_pred, cluster_pred = linear_logits.argmax(1), cluster_out.inner.argmax(1)
@@ -168,6 +177,18 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                       n_images=int(n_images), examples=examples)
 
 
+def segment_code(net: nn.Module, img: Tensor, tta: bool = False) -> Tensor:
+    """The network's code (B, C, h, w) of ``img`` at the patch grid, the image fed at a multiple of the patch size
+    (320 px goes in as 322 for a patch of 14). ``tta``: the mean of the code of the image and the mirrored code of
+    its mirror (flip test-time augmentation, as STEGO, CAUSE, EAGLE and DepthG evaluate), so the code of a
+    mirrored image is exactly the mirror of the code."""
+    img = fit_to_patches(img, net.patch_size)
+    code = net(img).code
+    if tta:
+        code = (code + net(img.flip(-1)).code.flip(-1)) / 2
+    return code
+
+
 def _collect(results, pending: dict[int, Tensor], scores: Scores, examples: dict, n_examples: int,
              device: torch.device, bar: tqdm) -> None:
     for (index, kind), labels in results:
@@ -197,12 +218,17 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], colors: np.ndarray,
-                checkpoint: str, prefix: str = "") -> dict[str, Path]:
-    """Write ``{prefix}eval_report.json``, the confusion matrix and the visualisation; return their paths."""
+                checkpoint: str, prefix: str = "", tta: str = "none") -> dict[str, Path]:
+    """Write ``{prefix}eval_report.json``, the confusion matrix and the visualisation; return their paths.
+
+    The report holds the metrics (``no_crf``, ``crf``), per-class IoU, the checkpoint, the number of images, the
+    test-time augmentation, and the Hungarian ``matching`` of the cluster probe (``predict.py`` names clusters with
+    it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {**evaluation.metrics(),
                               "per_class_iou": evaluation.no_crf.per_class_iou(class_names),
-                              "checkpoint": checkpoint, "n_images": evaluation.n_images}
+                              "checkpoint": checkpoint, "n_images": evaluation.n_images, "tta": tta,
+                              "matching": evaluation.matching(class_names)}
     if evaluation.crf is not None:
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
     paths = {"report": out_dir / f"{prefix}eval_report.json",
@@ -267,11 +293,12 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
         net, linear, cluster = (fabric.to_device(m) for m in modules)
         ev = evaluate(net, linear, cluster, loader, fabric.device, precision, cfg.eval, n_classes, crf=cfg.eval.is_crf,
                       n_examples=cfg.eval.n_images if cfg.eval.is_visualize else 0, desc=f"evaluating {path.name}",
-                      world=world)
+                      world=world, tta=cfg.eval.tta == "flip")
         results[name] = ev.metrics()
         if not world.is_main:
             continue
-        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "")
+        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "",
+                            tta=cfg.eval.tta)
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
         section = f"eval/{name or path.stem}"
