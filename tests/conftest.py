@@ -107,3 +107,18 @@ def patch_ppap_loss(monkeypatch, overflow_at=(), interrupt_at=None) -> None:
         return result._replace(loss=result.loss * OVERFLOW) if calls["n"] in overflow_at else result
 
     monkeypatch.setattr(PPAPLoss, "forward", patched)
+
+
+def random_checkpoint(options: Path, path: Path, n_classes: int = 3, seed: int = 0) -> Path:
+    """A checkpoint of a randomly initialised model that carries the options of ``options`` (what eval.py needs)."""
+    from utils.config import config_to_dict, load_config
+
+    cfg = load_config(options)
+    torch.manual_seed(seed)
+    net, linear, cluster = model.ppap.build_model(cfg.model, n_classes)
+    torch.save({"epoch": 0, "iter": 0, "best_epoch": 0, "best_iter": 0, "best": 0.0,
+                "net_model_state_dict": net.state_dict(), "linear_model_state_dict": linear.state_dict(),
+                "cluster_model_state_dict": cluster.state_dict(), "net_optimizer_state_dict": None,
+                "linear_optimizer_state_dict": None, "cluster_optimizer_state_dict": None,
+                "config": config_to_dict(cfg)}, path)
+    return path

@@ -11,10 +11,8 @@ import torch
 
 import run
 from engine.checkpoint import load_checkpoint
-from model import build_model
-from tests.conftest import ROOT, TINY_COLORS, tiny_options
+from tests.conftest import ROOT, TINY_COLORS, random_checkpoint, tiny_options
 from utils.cli import run_main
-from utils.config import config_to_dict, load_config
 
 CRF_VAL_IMAGES = 32  # enough CRF work (about 5 s with two workers) to be interrupted in the middle of it
 WAIT_S = 60  # upper bound for anything to happen; the tests pass in seconds
@@ -77,16 +75,7 @@ def crf_checkpoint(tiny_data, tmp_path_factory):
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "imgs" / "val" / f"{i:03d}.png")
         Image.fromarray(label).save(root / "labels" / "val" / f"{i:03d}.png")
     folder = tmp_path_factory.mktemp("crf_run")
-    cfg = load_config(tiny_options(folder, root, eval={"is_crf": True, "crf_workers": 2}))
-    torch.manual_seed(0)
-    net, linear, cluster = build_model(cfg.model, 3)
-    path = folder / "last.pth"
-    torch.save({"epoch": 0, "iter": 0, "best_epoch": 0, "best_iter": 0, "best": 0.0,
-                "net_model_state_dict": net.state_dict(), "linear_model_state_dict": linear.state_dict(),
-                "cluster_model_state_dict": cluster.state_dict(), "net_optimizer_state_dict": None,
-                "linear_optimizer_state_dict": None, "cluster_optimizer_state_dict": None,
-                "config": config_to_dict(cfg)}, path)
-    return path
+    return random_checkpoint(tiny_options(folder, root, eval={"is_crf": True, "crf_workers": 2}), folder / "last.pth")
 
 
 def crf_workers_of(pid: int) -> list[int]:

@@ -11,9 +11,9 @@ from PIL import Image
 import eval as eval_script
 from engine.evaluate import segment_code
 from model import build_model
-from tests.conftest import TINY_COLORS, tiny_options
+from tests.conftest import TINY_COLORS, random_checkpoint, tiny_options
 from utils.cli import run_main
-from utils.config import config_to_dict, load_config
+from utils.config import load_config
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 
@@ -22,16 +22,8 @@ pytestmark = pytest.mark.usefixtures("shallow_vit")
 def checkpoint(tiny_data, tmp_path_factory):
     """A checkpoint of a random tiny model that carries its options."""
     folder = tmp_path_factory.mktemp("tta")
-    cfg = load_config(tiny_options(folder, tiny_data, eval={"is_crf": True, "crf_workers": 0}))
-    torch.manual_seed(0)
-    net, linear, cluster = build_model(cfg.model, 3)
-    path = folder / "last.pth"
-    torch.save({"epoch": 0, "iter": 0, "best_epoch": 0, "best_iter": 0, "best": 0.0,
-                "net_model_state_dict": net.state_dict(), "linear_model_state_dict": linear.state_dict(),
-                "cluster_model_state_dict": cluster.state_dict(), "net_optimizer_state_dict": None,
-                "linear_optimizer_state_dict": None, "cluster_optimizer_state_dict": None,
-                "config": config_to_dict(cfg)}, path)
-    return path, cfg
+    options = tiny_options(folder, tiny_data, eval={"is_crf": True, "crf_workers": 0})
+    return random_checkpoint(options, folder / "last.pth"), load_config(options)
 
 
 def test_with_flip_tta_the_prediction_of_a_mirrored_image_is_the_mirrored_prediction(checkpoint):
