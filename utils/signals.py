@@ -31,12 +31,31 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_first: list[Callable[[], None]] = []  # run by the handler before it raises (``on_stop``)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     global _received
     _received = signum
+    for callback in list(_first):
+        try:
+            callback()
+        except Exception:  # a failing callback must not keep the signal from stopping the program
+            pass
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def on_stop(callback: Callable[[], None]) -> Iterator[None]:
+    """In the block, a stop signal first runs ``callback`` (in the handler, before the exception is raised): for a
+    library that would otherwise wait for a helper process after the exception (wandb waits for its service)."""
+    _first.append(callback)
+    try:
+        yield
+    finally:
+        _first.remove(callback)
 
 
 @contextlib.contextmanager

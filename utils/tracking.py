@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from utils.config import WANDB_MODES, WandbConfig
+from utils import signals
 from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ class Tracker:
             self.run = wandb.init(mode="offline", **options)
             return
         try:
-            self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=cfg.init_timeout), **options)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM while wandb waits for its server: leave at once
+            # Ctrl-C or SIGTERM while wandb waits for its server: end its service first, so that nothing in wandb's
+            # own handling of the interrupt waits for it, then leave at once
+            with signals.on_stop(_kill_wandb_service):
+                self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=cfg.init_timeout), **options)
+        except KeyboardInterrupt:
             _stop_wandb_service(wandb)
             raise
         except wandb.errors.Error as err:
@@ -122,7 +126,15 @@ class Tracker:
 
 def _stop_wandb_service(wandb) -> None:
     """End this process's wandb-core service, which would otherwise hold the program's exit until the init timeout
-    runs out (it runs in a session of its own, so Ctrl-C in the terminal does not reach it)."""
+    runs out (it runs in a session of its own, so Ctrl-C in the terminal does not reach it), and wandb's state."""
+    _kill_wandb_service()
+    try:
+        wandb.teardown()
+    except Exception:  # the service is gone: teardown's connection fails, which is what we asked for
+        pass
+
+
+def _kill_wandb_service() -> None:
     proc = Path("/proc")
     for entry in proc.iterdir() if proc.is_dir() else ():
         try:
@@ -131,7 +143,3 @@ def _stop_wandb_service(wandb) -> None:
                 os.kill(int(entry.name), signal.SIGTERM)
         except (OSError, ValueError, IndexError):
             continue
-    try:
-        wandb.teardown()
-    except Exception:  # the service is gone: teardown's connection fails, which is what we asked for
-        pass
