@@ -5,8 +5,9 @@ Each image is read as RGB (``dataset.base.read_image``: any mode PIL opens), res
 shorter side to 320 px) with each side then brought to a multiple of the patch size by the same resize (never a
 one-sided crop or pad, so that mirroring an image commutes with its preprocessing; bilinear with antialiasing),
 segmented (``engine.evaluate.segment_code``, with flip TTA on request), optionally refined by the dense CRF of
-evaluation, and the label map is brought back to the image's own size (nearest). Very long images are limited to
-``MAX_SIDE`` pixels on their longer side at the network's input, so that memory stays bounded.
+evaluation, and the label map is brought back to the image's own size (nearest). Memory: the network's input is at
+most ``MAX_SIDE`` pixels on its longer side; full-size work (decoding, the label map, the overlay) is 8- and 16-bit;
+PIL refuses images beyond its decompression-bomb limit (about 179 million pixels), which are named and skipped.
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 MAX_SIDE = 2048  # the longest side fed to the network; longer images are scaled down to it
-OVERLAY_ALPHA = 0.5  # weight of the class colours in the overlay
 OVERLAY_QUALITY = 90
 LEGEND_SWATCH = 14  # pixels
 UNMATCHED_COLOR = (128, 128, 128)
@@ -161,7 +161,7 @@ def save_label_map(path: Path, ids: np.ndarray, labels: Labels) -> None:
 def save_overlay(path: Path, image: Image.Image, ids: np.ndarray, labels: Labels) -> None:
     """The image blended with the class colours, with a legend of the classes present."""
     colored = labels.colors[np.clip(ids, 0, len(labels.colors) - 1)]
-    blend = (np.asarray(image, np.float32) * (1 - OVERLAY_ALPHA) + colored * OVERLAY_ALPHA).astype(np.uint8)
+    blend = ((np.asarray(image, np.uint16) + colored) // 2).astype(np.uint8)  # half and half, in 16-bit integers
     overlay = Image.fromarray(blend)
     draw = ImageDraw.Draw(overlay)
     font = ImageFont.load_default()
