@@ -35,6 +35,7 @@ from model.ppap import PPAPNet  # noqa: E402
 from model.vit import vit  # noqa: E402
 from model.weights import load_backbone_weights  # noqa: E402
 from utils.config import BACKBONE_WIDTH, ModelConfig, PretrainedConfig, TrainingCoeff  # noqa: E402
+from utils.device import AUTOCAST_DTYPES  # noqa: E402
 from utils.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -100,7 +101,7 @@ def main() -> None:
     feats = camvid_feats(args.fixture, args.camvid / "imgs" / "train", args.images)
     results["changed decisions"] = {f"{name}, {label}": changed_decisions(feats, coeff, dtype)
                                     for label, coeff in COEFFS.items()
-                                    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
+                                    for name, dtype in AUTOCAST_DTYPES.items()}
     if args.json:
         print(json.dumps(results, indent=2))
         return
