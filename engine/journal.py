@@ -17,6 +17,7 @@ from engine.evaluate import METRIC_NAMES, Evaluation, save_report
 from utils.errors import OutputError
 from utils.files import to_json, write_text_atomically
 from utils.tracking import Tracker
+from utils.visualize import save_curves
 
 
 class Field(NamedTuple):
@@ -81,6 +82,18 @@ class Journal:
             paths = save_report(ev, run_dir / "val", names, colors, checkpoint="(training)")
             self.tracker.log_images({"val_segmentation": paths["visualization"],
                                      "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)
+
+    def draw_curves(self, path: Path) -> None:
+        """``curves.png`` from everything log.jsonl holds so far (the run's pictures without wandb)."""
+        if self.file is None:
+            return
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill of an earlier run
+                continue
+        save_curves(records, path)
 
     def close(self) -> None:
         if self.file is not None:

@@ -54,7 +54,7 @@ from utils.tracking import Tracker
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pth", "best.pth"
-CONFIG_FILE, LOG_FILE, FINAL_METRICS = "config.json", "log.jsonl", "final_metrics.json"
+CONFIG_FILE, LOG_FILE, FINAL_METRICS, CURVES_FILE = "config.json", "log.jsonl", "final_metrics.json", "curves.png"
 RUN_LOCK = ".lock"  # held by the process that owns the run directory
 VAL_EXAMPLES = 4  # validation images shown in wandb at each validation
 ITERATION_STREAM = 1  # tells the random stream of the iterations apart from others derived from the seed
@@ -421,6 +421,7 @@ def validate_and_save(run: Run, journal: Journal) -> None:
             if improved:
                 _save(run, run.run_dir / BEST, journal.tracker)
             _save(run, run.run_dir / LAST, journal.tracker)
+        journal.draw_curves(run.run_dir / CURVES_FILE)
     run.world.barrier()  # the checkpoints are complete before any process goes on
 
 

@@ -58,6 +58,7 @@ def test_run_directory_holds_config_log_and_final_report(trained):
     assert set(final) == {"best", "last"}
     assert all(set(final[w]) == {"no_crf", "crf"} and set(final[w]["crf"]) == METRICS for w in final)
     assert (trained / "last_visualization.png").stat().st_size > 0
+    assert (trained / "curves.png").stat().st_size > 0  # drawn at every validation from log.jsonl
 
 
 def test_checkpoint_rebuilds_the_model_from_its_config_alone(trained):

@@ -39,3 +39,15 @@ def test_segmentation_grid_rejects_rows_with_different_entries(tmp_path):
     del other["cluster"]
     with pytest.raises(ValueError, match="every row"):
         save_segmentation_grid(tmp_path / "grid.png", [grid_row(0), other], NAMES, COLORS)
+
+
+def test_curves_of_a_run_are_drawn_from_its_log(tmp_path):
+    from utils.visualize import save_curves
+
+    records = [{"type": "train", "iter": i, "loss": 10.0 - i, "ppap": 9.0 - i, "linear": 1.0, "cluster": -0.1,
+                "num_pos": 5.0, "num_neg": 50.0, "lr": 1e-3, "grad_norm": None if i == 3 else 2.0} for i in range(1, 6)]
+    records.append({"type": "val", "iter": 5, "Cluster_mIoU": 20.0, "Cluster_Accuracy": 50.0, "Linear_mIoU": 25.0,
+                    "Linear_Accuracy": 60.0})
+    save_curves(records, tmp_path / "curves.png")  # null values (a skipped fp16 step's gradient norm) are left out
+    image = np.asarray(Image.open(tmp_path / "curves.png"))
+    assert image.shape[0] > 500 and image.shape[1] > 600 and image.std() > 0

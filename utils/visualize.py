@@ -80,3 +80,40 @@ def save_segmentation_grid(path: Union[str, Path], rows: Sequence[Mapping[str, n
                borderaxespad=0.0, handlelength=1.0, columnspacing=0.8)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=GRID_DPI, format="png")
+
+
+CURVE_PANELS = (  # (title, [(log.jsonl key, record type, label)]) of curves.png
+    ("loss", [("loss", "train", "total"), ("ppap", "train", "PPAP")]),
+    ("probe losses", [("linear", "train", "linear probe"), ("cluster", "train", "cluster probe")]),
+    ("per anchor", [("num_pos", "train", "positives"), ("num_neg", "train", "confident negatives")]),
+    ("network learning rate", [("lr", "train", "lr")]),
+    ("gradient norm (before clipping)", [("grad_norm", "train", "grad norm")]),
+    ("validation (%)", [("Cluster_mIoU", "val", "Cluster mIoU"), ("Cluster_Accuracy", "val", "Cluster Acc"),
+                        ("Linear_mIoU", "val", "Linear mIoU"), ("Linear_Accuracy", "val", "Linear Acc")]),
+)
+CURVE_PANEL_INCHES = (4.5, 2.8)  # width, height of one panel
+CURVE_MARKERS_UP_TO = 50  # points of a curve drawn with markers
+
+
+def save_curves(records: Sequence[Mapping[str, object]], path: Union[str, Path]) -> None:
+    """``curves.png`` of a run from its log.jsonl records: losses, positives and negatives per anchor, learning rate,
+    gradient norm and the validation metrics against the iteration (two columns of panels)."""
+    cols, rows = 2, math.ceil(len(CURVE_PANELS) / 2)
+    fig = Figure(figsize=(cols * CURVE_PANEL_INCHES[0], rows * CURVE_PANEL_INCHES[1]), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (title, curves) in enumerate(CURVE_PANELS):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for key, kind, label in curves:
+            points = [(r["iter"], r[key]) for r in records
+                      if r.get("type") == kind and isinstance(r.get(key), (int, float))]
+            if points:  # markers where there are few points (validations, short runs), so that one point shows
+                ax.plot(*zip(*points), marker="o" if len(points) <= CURVE_MARKERS_UP_TO else None, markersize=3,
+                        label=label)
+        ax.set_title(title, fontsize=FONT_SIZE + 1)
+        ax.set_xlabel("iteration", fontsize=FONT_SIZE)
+        ax.tick_params(labelsize=FONT_SIZE)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=FONT_SIZE, frameon=False)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=GRID_DPI, format="png")
