@@ -3,11 +3,14 @@
     python run.py --opt json/server/cocostuff8.json [--debug] [--resume] [--data_path DIR] [key=value ...]
     python run.py --opt json/server/cocostuff8.json --test      # evaluate the run's best.pth and last.pth again
     torchrun --nproc_per_node=4 run.py --opt json/server/cocostuff8.json   # data-parallel on 4 GPUs
+    python run.py --opt json/demo.json --multirun seed=0,1,2 optimizer.net.lr=1e-3,5e-4 [--jobs N] [--resume]
 
-Exit status: 0 done, 1 training diverged (a non-finite loss), 2 a mistake in the options, data or files.
+Exit status: 0 done, 1 training diverged (a non-finite loss) or, for a sweep, a run failed, 2 a mistake in the
+options, data or files.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +18,7 @@ from typing import Optional, Sequence
 from utils.cli import base_parser, config_from_args, run_main, sets_on_command_line
 from utils.config import NONE_WEIGHTS, config_to_dict
 from utils.errors import ConfigError
+from utils.overrides import is_sweep
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,8 +28,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from utils.tracking import Tracker, require_credentials, wandb_mode
 
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its last.pth")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from its last.pth (a sweep: skip its finished runs, resume the others)")
+    parser.add_argument("--multirun", action="store_true",
+                        help="a sweep: one run per combination of the values of the overrides, in Hydra's grammar "
+                             "(seed=0,1,2 lr=range(1,4)), each in {output_dir}/{wandb.name}/<its values>/")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="with --multirun: run this many runs at once, one per GPU (default 1)")
     args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
+    if args.multirun:
+        return _sweep(args)
+    if args.jobs is not None:
+        raise ConfigError("--jobs runs the runs of a sweep side by side; it needs --multirun")
+    for item in args.overrides:
+        if is_sweep(item):
+            raise ConfigError(f"command-line override {item!r} gives several values: add --multirun to train one run "
+                              f"per value, or quote a value that holds a comma ({item.partition('=')[0]}='a,b')")
     if args.checkpoint is not None:  # the original accepted it here and ignored it
         raise ConfigError("run.py does not read --checkpoint: evaluate a checkpoint with "
                           "python eval.py --checkpoint FILE, continue this run with --resume, or evaluate its "
@@ -66,6 +84,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {path}")
     print(f"evaluate a checkpoint again with: python eval.py --checkpoint {run_dir / LAST}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from engine.sweep import run_sweep
+
+    if args.test or args.checkpoint is not None:
+        raise ConfigError("--multirun trains; evaluate a run of a sweep with python run.py --opt FILE --test "
+                          "output_dir=SWEEP_FOLDER wandb.name=RUN, or summarise the runs with "
+                          "python -m tools.report SWEEP_FOLDER")
+    return run_sweep(Path(__file__).resolve(), args.opt, args.overrides, data_path=args.data_path, debug=args.debug,
+                     resume=args.resume, jobs=args.jobs or 1)
 
 
 if __name__ == "__main__":

@@ -87,17 +87,26 @@ class Journal:
         """``curves.png`` from everything log.jsonl holds so far (the run's pictures without wandb)."""
         if self.file is None:
             return
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill of an earlier run
-                continue
-        save_curves(records, path)
+        save_curves(read_log(self.path), path)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a log.jsonl (none if there is no file); a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def trim_log(path: Path, iteration: int) -> None:
@@ -105,12 +114,5 @@ def trim_log(path: Path, iteration: int) -> None:
     a line cut short by a kill is dropped too. The file is replaced in one rename."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("iter", 0) <= iteration:
-            kept.append(line + "\n")
+    kept = [to_json(record) + "\n" for record in read_log(path) if record.get("iter", 0) <= iteration]
     write_text_atomically(path, "".join(kept))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_options
-from tools import report
+from engine import report
+from tools import report as report_command
 from utils.cli import run_main
 from utils.config import config_to_dict, load_config
 
@@ -36,7 +37,7 @@ def sweep(tiny_data, tmp_path):
 
 def test_runs_are_grouped_by_everything_but_the_seed(sweep, tmp_path, capsys):
     folder, values = sweep
-    assert run_main(report.main, [str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert run_main(report_command.main, [str(folder), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["groups"]) == {"training_coeff.initialcrit_pos=0.5", "training_coeff.initialcrit_pos=0.6"}
     for pos in (0.5, 0.6):
@@ -65,5 +66,5 @@ def test_one_run_per_group_has_no_spread(tiny_data, tmp_path):
 
 
 def test_no_runs_is_a_usage_error(tmp_path, capsys):
-    assert run_main(report.main, [str(tmp_path)]) == 2
+    assert run_main(report_command.main, [str(tmp_path)]) == 2
     assert "no final_metrics.json below" in capsys.readouterr().err

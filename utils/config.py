@@ -72,6 +72,7 @@ class WandbConfig:
     project: str = "PPAP"
     entity: Optional[str] = None
     name: str = "ppap"  # also the run directory: {output_dir}/{name}
+    group: Optional[str] = None  # ours: wandb's run group; a sweep's runs are grouped under the sweep's name
     mode: str = "online"  # online | offline | disabled; --debug and --test force disabled
     id: Optional[str] = None  # resume this wandb run id (read by the original's set_wandb)
     notes: Optional[str] = None

@@ -83,8 +83,8 @@ class Tracker:
             return
         wandb = _import_wandb()
         self._wandb = wandb
-        options = dict(project=cfg.project, entity=cfg.entity, name=cfg.name, dir=str(run_dir), resume="allow",
-                       id=run_id or cfg.id, notes=cfg.notes, config=dict(config),
+        options = dict(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, dir=str(run_dir),
+                       resume="allow", id=run_id or cfg.id, notes=cfg.notes, config=dict(config),
                        tags=list(cfg.tags) if cfg.tags is not None else [default_tag])
         if mode == "offline":
             self.run = wandb.init(mode="offline", **options)

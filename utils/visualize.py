@@ -117,3 +117,54 @@ def save_curves(records: Sequence[Mapping[str, object]], path: Union[str, Path])
             ax.legend(fontsize=FONT_SIZE, frameon=False)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=GRID_DPI, format="png")
+
+
+GROUP_PANELS = (("Cluster_mIoU", "Cluster mIoU (%)"), ("Cluster_Accuracy", "Cluster accuracy (%)"),
+                ("Linear_mIoU", "Linear mIoU (%)"), ("Linear_Accuracy", "Linear accuracy (%)"))
+SEED_LINE_ALPHA, SPREAD_ALPHA = 0.35, 0.15
+
+
+def mean_and_range(series: Sequence[Mapping[int, float]]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """The iterations at which every run of ``series`` (iteration -> value, one mapping per run) has a value, and
+    there the mean, the minimum and the maximum over the runs."""
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not common:
+        return [], np.zeros(0), np.zeros(0), np.zeros(0)
+    values = np.array([[s[t] for t in common] for s in series], dtype=np.float64)
+    return common, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def save_group_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, object]]]], path: Union[str, Path]) -> None:
+    """The validation metrics against the iteration of many runs (``groups``: group name -> the log.jsonl records of
+    each of its runs): per group one colour, a thin line per run, the mean over the runs (at the iterations every run
+    reached) as a thick line and their range (min-max) shaded."""
+    cols, rows = 2, math.ceil(len(GROUP_PANELS) / 2)
+    fig = Figure(figsize=(cols * CURVE_PANEL_INCHES[0], rows * CURVE_PANEL_INCHES[1] + 0.3 * len(groups)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    palette = [f"C{i % 10}" for i in range(len(groups))]
+    for i, (key, title) in enumerate(GROUP_PANELS):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for color, (group, runs) in zip(palette, groups.items()):
+            series = [{r["iter"]: r[key] for r in records
+                       if r.get("type") == "val" and isinstance(r.get(key), (int, float))} for records in runs]
+            series = [s for s in series if s]
+            for s in series:  # each run, with its points marked when there are few (one validation shows)
+                ax.plot(list(s), list(s.values()), color=color, alpha=SEED_LINE_ALPHA, linewidth=0.8,
+                        marker="." if len(s) <= CURVE_MARKERS_UP_TO else None)
+            common, mean, low, high = mean_and_range(series)
+            if not common:
+                continue
+            ax.fill_between(common, low, high, color=color, alpha=SPREAD_ALPHA, linewidth=0)
+            ax.plot(common, mean, color=color, linewidth=2,
+                    marker="o" if len(common) <= CURVE_MARKERS_UP_TO else None, markersize=3,
+                    label=f"{group} (mean of {len(series)})")
+        ax.set_title(title, fontsize=FONT_SIZE + 1)
+        ax.set_xlabel("iteration", fontsize=FONT_SIZE)
+        ax.tick_params(labelsize=FONT_SIZE)
+        ax.grid(alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", fontsize=FONT_SIZE, frameon=False)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=GRID_DPI, format="png")

@@ -1,0 +1,221 @@
+"""run.py --multirun: Hydra's override grammar, one run per combination in its own folder, a sweep that survives an
+interruption and a failed run, and the summary at its end."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import run
+from engine import sweep as sweep_module
+from engine.sweep import SWEEP_FILE, device_slots, plan_sweep, run_sweep
+from tests.conftest import ROOT, tiny_options
+from utils.cli import run_main
+from utils.config import load_config
+from utils.errors import ConfigError
+from utils.overrides import Setting, is_sweep, parse_sweep, run_name
+from utils.visualize import mean_and_range
+
+WAIT_S = 120  # upper bound for a tiny run to write its first checkpoint on a busy machine
+
+
+def values(item):
+    (axis,) = parse_sweep([item]).axes
+    return [s.value for s in axis]
+
+
+def test_comma_lists_ranges_and_choices_are_sweeps():
+    assert values("seed=0,1,2") == [0, 1, 2]
+    assert values("seed=range(0,5)") == [0, 1, 2, 3, 4]
+    assert values("training_coeff.tau=range(0.5,1,0.25)") == [0.5, 0.75]
+    assert values("optimizer.net.lr=choice(1e-3,5e-4)") == [0.001, 0.0005]
+    assert values("wandb.notes=a b,c") == ["a b", "c"]
+
+
+def test_quoted_commas_and_bracket_lists_are_one_value():
+    fixed = parse_sweep(["wandb.notes='a,b'", "wandb.tags=[x,y]", "seed=0,1"]).fixed
+    assert [(s.key, s.value) for s in fixed] == [("wandb.notes", "a,b"), ("wandb.tags", ["x", "y"])]
+
+
+def test_combinations_follow_the_command_line_with_the_last_key_fastest():
+    points = parse_sweep(["seed=0,1", "training_coeff.tau=0.5,0.8"]).points()
+    assert [[s.value for s in p] for p in points] == [[0, 0.5], [0, 0.8], [1, 0.5], [1, 0.8]]
+    assert [run_name(p) for p in points][1] == "seed=0,training_coeff.tau=0.8"
+
+
+@pytest.mark.parametrize("value", [0.001, 1e-05, "1e-3", "yes", "a,b", "", None, True, ["x", "y"], 2**64])
+def test_a_setting_reaches_the_run_as_the_same_value_and_type(value):
+    key, got = Setting("wandb.notes", value, "").override.split("=", 1)
+    from omegaconf import OmegaConf
+
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"a={got}"]))["a"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_a_string_value_stays_a_string_in_the_run_options(tiny_data, tmp_path):
+    (axis,) = parse_sweep(["wandb.notes='1e-3','null'"]).axes
+    options = tiny_options(tmp_path, tiny_data)
+    assert [load_config(options, [s.override]).wandb.notes for s in axis] == ["1e-3", "null"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("+seed=1", "keys are fixed"), ("~seed", "keys are fixed"), ("seed=interval(0,1)", "cannot be run"),
+    ("wandb.notes=it's", "not in Hydra's override grammar"), ("seed=1,", "not in Hydra's override grammar")])
+def test_what_a_sweep_cannot_run_is_refused(item, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep([item, "seed=0,1"] if not item.startswith(("+seed", "~seed", "seed")) else [item])
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_sweep(["seed=0,1", "seed=2"])
+
+
+def test_a_folder_name_never_holds_a_slash():
+    (point,) = parse_sweep(["dataset.data_path=/data/a,b/c"]).points()[:1]
+    assert run_name(point) == "dataset.data_path=_data_a"
+
+
+def test_a_comma_list_without_multirun_suggests_it(tiny_data, tmp_path, capsys):
+    options = tiny_options(tmp_path, tiny_data)
+    assert run_main(run.main, ["--opt", str(options), "--debug", "seed=0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "'seed=0,1' gives several values: add --multirun" in err
+    assert not (tmp_path / "output").exists()
+
+
+def test_single_run_overrides_keep_their_parsing():
+    assert not is_sweep("wandb.notes='a,b'") and not is_sweep("wandb.notes=it's") and not is_sweep("seed=3")
+    assert is_sweep("seed=0,1") and is_sweep("seed=range(3)")
+
+
+def test_every_run_is_checked_before_the_first_starts(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    with pytest.raises(ConfigError, match="dataset.res"):
+        plan_sweep(str(options), ["dataset.res=64,65"])  # 65 is not a multiple of the patch
+    assert not (tmp_path / "output").exists()
+
+
+def test_the_runs_live_in_the_sweep_folder_named_by_their_values(tiny_data, tmp_path):
+    plan = plan_sweep(str(tiny_options(tmp_path, tiny_data)), ["seed=0,1", "train.epoch=2"])
+    assert plan.folder == tmp_path / "output" / "tiny"
+    assert [r.name for r in plan.runs] == ["seed=0", "seed=1"]
+    cfg = load_config(tiny_options(tmp_path, tiny_data), plan.runs[1].overrides)
+    assert (cfg.seed, cfg.train.epoch, cfg.wandb.name, cfg.wandb.group) == (1, 2, "seed=1", "tiny")
+    assert cfg.output_dir == str(plan.folder)
+
+
+def test_the_folder_names_cannot_be_swept(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="wandb.name names the sweep's folder"):
+        plan_sweep(str(tiny_options(tmp_path, tiny_data)), ["wandb.name=a,b"])
+
+
+def test_jobs_needs_a_gpu_per_run(tiny_data, tmp_path):
+    cfg = load_config(tiny_options(tmp_path, tiny_data))
+    with pytest.raises(ConfigError, match="one per GPU"):
+        device_slots(cfg, 2)  # device cpu
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        device_slots(load_config(tiny_options(tmp_path, tiny_data, device="auto")), 2)  # this machine has none
+    assert device_slots(cfg, 1) == [None]
+
+
+def test_mean_and_range_are_taken_where_every_run_has_a_value():
+    common, mean, low, high = mean_and_range([{2: 10.0, 4: 20.0, 6: 30.0}, {2: 14.0, 4: 10.0}])
+    assert common == [2, 4]
+    np.testing.assert_array_equal(mean, [12.0, 15.0])
+    np.testing.assert_array_equal(low, [10.0, 10.0])
+    np.testing.assert_array_equal(high, [14.0, 20.0])
+
+
+def sweep_command(options, *args):
+    return [sys.executable, "run.py", "--opt", str(options), "--debug", "--multirun", *args]
+
+
+def state_of(folder):
+    return {r["name"]: r for r in json.loads((folder / SWEEP_FILE).read_text())["runs"]}
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    missing = tmp_path / "missing"
+    result = subprocess.run(sweep_command(options, f"dataset.data_path={missing},{tiny_data}"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=10 * WAIT_S)
+    assert result.returncode == 1, result.stderr
+    folder = tmp_path / "output" / "tiny"
+    failed = state_of(folder)[run_name([Setting("dataset.data_path", str(missing), str(missing))])]
+    assert failed["status"] == "failed" and failed["exit_status"] == 2 and str(missing) in failed["reason"]
+    assert [r["status"] for r in state_of(folder).values()] == ["failed", "done"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["failed"][0]["reason"] == failed["reason"]
+    assert "Runs that did not finish" in (folder / "summary.md").read_text()
+    assert "1 failed" in result.stdout
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    folder = tmp_path / "output" / "tiny"
+    process = subprocess.Popen(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + WAIT_S
+    while not (folder / "seed=0" / "last.pth").exists():
+        assert time.monotonic() < deadline and process.poll() is None, "no first checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: the terminal's foreground group is the sweep's alone
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    state = state_of(folder)
+    assert state["seed=0"]["status"] == "interrupted" and state["seed=1"]["status"] == "pending"
+
+    again = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=WAIT_S)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+
+    resumed = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1", "--resume"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=10 * WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    state = state_of(folder)
+    assert state["seed=0"]["resumed"] and not state["seed=1"]["resumed"]
+    assert {r["status"] for r in state.values()} == {"done"}
+    for seed in (0, 1):  # every run in its folder, with its own options, grouped under the sweep's name
+        config = json.loads((folder / f"seed={seed}" / "config.json").read_text())
+        assert (config["seed"], config["wandb"]["name"], config["wandb"]["group"]) == (seed, f"seed={seed}", "tiny")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["groups"]["all runs"]["last"]["no_crf"]["Cluster_mIoU"]["n"] == 2
+    assert (folder / "summary_curves.png").stat().st_size > 0 and (folder / "summary.csv").is_file()
+    assert "2 of 2 runs finished" in resumed.stdout
+
+    finished = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1", "--resume"), cwd=ROOT,
+                              capture_output=True, text=True, timeout=WAIT_S)
+    assert finished.returncode == 0 and "(2 finished before)" in finished.stdout
+    assert "=== sweep run" not in finished.stdout and (folder / "summary.md").is_file()
+
+
+FAKE_RUN = """
+import os, sys, time
+print("training", flush=True)
+time.sleep(0.5)
+print("error: device " + os.environ["CUDA_VISIBLE_DEVICES"], file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def test_jobs_run_side_by_side_never_two_on_one_device(tiny_data, tmp_path):
+    program = tmp_path / "fake_run.py"  # stands for run.py: takes half a second, says which GPU it saw, fails
+    program.write_text(FAKE_RUN)
+    options = tiny_options(tmp_path, tiny_data)
+    assert run_sweep(program, str(options), ["seed=range(0,5)"], slots=["0", "1"]) == 1
+    folder = tmp_path / "output" / "tiny"
+    runs = list(state_of(folder).values())
+    assert [r["reason"] for r in runs] == [f"device {r['device']}" for r in runs]  # CUDA_VISIBLE_DEVICES reached it
+    assert {r["device"] for r in runs} == {"0", "1"}
+    for a in runs:
+        for b in runs:
+            if a is not b and a["started"] <= b["started"] < a["started"] + a["seconds"]:
+                assert a["device"] != b["device"], (a, b)  # runs at the same time are on different devices
+    assert runs[1]["started"] < runs[0]["started"] + runs[0]["seconds"]  # two at a time
+    for r in runs:  # each run's output, stdout and stderr, in its folder
+        console = (folder / r["name"] / sweep_module.CONSOLE_FILE).read_text()
+        assert console == f"training\nerror: device {r['device']}\n"
