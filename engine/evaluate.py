@@ -46,7 +46,7 @@ from utils.image import denormalize_to_uint8
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils import signals
 from utils.tracking import Tracker
-from utils.visualize import save_segmentation_grid
+from utils.visualize import save_per_class_iou, save_segmentation_grid
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +232,11 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
     if evaluation.crf is not None:
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
     paths = {"report": out_dir / f"{prefix}eval_report.json",
-             "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png"}
+             "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png",
+             "per_class_iou": out_dir / f"{prefix}per_class_iou.png"}
     write_text_atomically(paths["report"], to_json(report, indent=2) + "\n")
     plot_confusion_matrix(evaluation.no_crf.cluster, class_names, paths["confusion_matrix"])
+    save_per_class_iou(report["per_class_iou"], report.get("per_class_iou_crf"), paths["per_class_iou"])
     if evaluation.examples:
         paths["visualization"] = out_dir / f"{prefix}visualization.png"
         save_segmentation_grid(paths["visualization"], evaluation.examples, class_names, colors)

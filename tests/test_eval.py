@@ -64,7 +64,7 @@ def test_report_has_per_class_iou_by_class_name(report):
 
 def test_confusion_matrix_and_visualisation_are_valid_pngs(report, released):
     folder = released[1].parent
-    for name in ("confusion_matrix.png", "visualization.png"):
+    for name in ("confusion_matrix.png", "per_class_iou.png", "visualization.png"):
         with Image.open(folder / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
 

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from utils.metrics import (CLUSTER_PREFIX, CM_CELL_INCHES, CM_DPI, CM_LABEL_INCHES, CM_PAD_INCHES, LINEAR_PREFIX,
-                           UnsupervisedMetrics, get_metrics, plot_confusion_matrix)
+from utils.metrics import (CLUSTER_PREFIX, CM_BAR_INCHES, CM_CELL_INCHES, CM_DPI, CM_LABEL_INCHES, CM_PAD_INCHES,
+                           LINEAR_PREFIX, UnsupervisedMetrics, confusion_matrix_figure, get_metrics,
+                           plot_confusion_matrix)
 
 
 def cluster_metric(n_classes: int, extra: int = 0, legacy: bool = False) -> UnsupervisedMetrics:
@@ -235,5 +236,16 @@ def test_confusion_matrix_plot_is_a_png_of_the_expected_size(tmp_path):
     plot_confusion_matrix(metric, ["sky", "tree", "road"], path)
     with Image.open(path) as png:
         assert png.format == "PNG"
-        assert png.size == (round((CM_LABEL_INCHES + CM_PAD_INCHES + 4 * CM_CELL_INCHES) * CM_DPI),
+        assert png.size == (round((CM_LABEL_INCHES + CM_BAR_INCHES + 4 * CM_CELL_INCHES) * CM_DPI),
                             round((CM_LABEL_INCHES + CM_PAD_INCHES + 3 * CM_CELL_INCHES) * CM_DPI))
+
+
+def test_confusion_matrix_cells_show_each_true_class_share_per_matched_cluster():
+    metric = cluster_metric(2, extra=1)
+    # class 0: 3 pixels in cluster 1, 1 in cluster 2 (extra); class 1: 2 pixels in cluster 0
+    scores(metric, torch.tensor([1, 1, 1, 2, 0, 0]), torch.tensor([0, 0, 0, 0, 1, 1]))
+    ax = confusion_matrix_figure(metric, ["sky", "road"]).axes[0]
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    # rows: true class; columns: the cluster matched to sky (1), to road (0), then the extra cluster 2
+    assert cells == {(0, 0): "0.75", (0, 2): "0.25", (1, 1): "1.00"}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sky", "road", "extra 2"]

@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from utils.visualize import (GRID_DPI, LEGEND_ROW_INCHES, PANEL_INCHES, TITLE_INCHES, colorize, legend_columns,
-                             save_segmentation_grid)
+                             per_class_iou_figure, save_segmentation_grid)
 
 COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
 NAMES = ["sky", "tree", "road"]
@@ -51,3 +53,16 @@ def test_curves_of_a_run_are_drawn_from_its_log(tmp_path):
     save_curves(records, tmp_path / "curves.png")  # null values (a skipped fp16 step's gradient norm) are left out
     image = np.asarray(Image.open(tmp_path / "curves.png"))
     assert image.shape[0] > 500 and image.shape[1] > 600 and image.std() > 0
+
+
+def test_per_class_iou_bars_are_the_values_before_and_after_crf():
+    no_crf = {"cluster": {"sky": 80.0, "road": math.nan}, "linear": {"sky": 60.0, "road": 40.0}}
+    crf = {"cluster": {"sky": 85.0, "road": 10.0}, "linear": {"sky": 62.0, "road": 44.0}}
+    fig = per_class_iou_figure(no_crf, crf)
+    ax = fig.axes[0]
+    heights = [round(p.get_height(), 6) for p in ax.patches]  # bars by series, each over the classes
+    assert heights == [80.0, 0.0, 85.0, 10.0, 60.0, 40.0, 62.0, 44.0]  # a class without IoU has no bar
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["cluster (mIoU 80.00)", "cluster + CRF (mIoU 47.50)", "linear (mIoU 50.00)",
+                      "linear + CRF (mIoU 53.00)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sky", "road"]

@@ -44,10 +44,14 @@ LINEAR_PREFIX = "Linear_"  # Linear_mIoU, Linear_Accuracy
 PERCENT = 100.0
 
 CM_DPI = 100
-CM_CELL_INCHES = 0.25  # one confusion-matrix cell
-CM_LABEL_INCHES = 2.0  # room for the class names left of and above the matrix
-CM_PAD_INCHES = 0.5  # right (colour bar) and bottom margin
-CM_FONT_SIZE = 7
+CM_CELL_INCHES = 0.42  # one confusion-matrix cell: room for its value ("0.83") at CM_VALUE_FONT_SIZE
+CM_LABEL_INCHES = 1.9  # room for the class names left of and above the matrix
+CM_PAD_INCHES = 0.6  # bottom margin
+CM_BAR_INCHES = 1.0  # right margin, for the colour bar
+CM_FONT_SIZE = 9
+CM_VALUE_FONT_SIZE = 6.5
+CM_VALUE_MIN = 0.005  # cells whose share rounds to 0.00 stay blank, so that the structure shows
+CM_DARK = 0.55  # above this share the cell is dark: its value is written in white
 CM_COLORMAP = "Blues"  # the original's seaborn heatmap colours, so that the two plots compare side by side
 
 
@@ -183,7 +187,15 @@ def get_metrics(cluster_metric: UnsupervisedMetrics, linear_metric: Unsupervised
 
 
 def plot_confusion_matrix(metric: UnsupervisedMetrics, class_names: Sequence[str], path: Union[str, Path]) -> None:
-    """Save the row-normalised confusion matrix (true class x matched cluster) of a computed metric as a PNG.
+    """Save ``confusion_matrix_figure`` as a PNG."""
+    fig = confusion_matrix_figure(metric, class_names)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=CM_DPI, format="png")
+
+
+def confusion_matrix_figure(metric: UnsupervisedMetrics, class_names: Sequence[str]) -> Figure:
+    """The row-normalised confusion matrix (true class x matched cluster) of a computed metric, each cell's share
+    written in it (blank below CM_VALUE_MIN), with the class names and the probe's mIoU.
 
     Column i is the cluster matched to class i; the unmatched extra clusters follow, labelled by their id.
     """
@@ -195,7 +207,7 @@ def plot_confusion_matrix(metric: UnsupervisedMetrics, class_names: Sequence[str
     columns = list(class_names) + [f"extra {int(cluster)}" for cluster in order[metric.n_classes:]]
 
     n_rows, n_cols = matrix.shape
-    width = CM_LABEL_INCHES + CM_PAD_INCHES + CM_CELL_INCHES * n_cols
+    width = CM_LABEL_INCHES + CM_BAR_INCHES + CM_CELL_INCHES * n_cols
     height = CM_LABEL_INCHES + CM_PAD_INCHES + CM_CELL_INCHES * n_rows
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
@@ -203,13 +215,25 @@ def plot_confusion_matrix(metric: UnsupervisedMetrics, class_names: Sequence[str
                        CM_CELL_INCHES * n_cols / width, CM_CELL_INCHES * n_rows / height))
     image = ax.imshow(matrix, cmap=matplotlib.colormaps[CM_COLORMAP], vmin=0.0, vmax=1.0, aspect="auto",
                       interpolation="nearest")
+    for (row, col), share in np.ndenumerate(matrix):
+        if share >= CM_VALUE_MIN:
+            ax.text(col, row, f"{share:.2f}", ha="center", va="center", fontsize=CM_VALUE_FONT_SIZE,
+                    color="white" if share > CM_DARK else "black")
     ax.set_xticks(np.arange(n_cols), columns, rotation=90, fontsize=CM_FONT_SIZE)
     ax.set_yticks(np.arange(n_rows), list(class_names), fontsize=CM_FONT_SIZE)
     ax.xaxis.tick_top()
     ax.xaxis.set_label_position("top")
-    ax.set_xlabel("matched cluster" if metric.compute_hungarian else "predicted class",
+    ax.set_xlabel("matched cluster (named by its class)" if metric.compute_hungarian else "predicted class",
                   fontsize=CM_FONT_SIZE)
-    ax.set_ylabel("true class (rows sum to 1)", fontsize=CM_FONT_SIZE)
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02).ax.tick_params(labelsize=CM_FONT_SIZE)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=CM_DPI, format="png")
+    ax.set_ylabel("true class (each row sums to 1)", fontsize=CM_FONT_SIZE)
+    ax.set_xticks(np.arange(n_cols + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n_rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    cax = fig.add_axes(((CM_LABEL_INCHES + CM_CELL_INCHES * n_cols + 0.15) / width, CM_PAD_INCHES / height,
+                        0.15 / width, CM_CELL_INCHES * n_rows / height))
+    fig.colorbar(image, cax=cax).ax.tick_params(labelsize=CM_FONT_SIZE)
+    mean_iou = PERCENT * _nanmean(_iou(*metric._class_counts()))  # as compute() gave it, without its process sync
+    fig.text(CM_LABEL_INCHES / width, 0.25 / height, f"{metric.prefix.rstrip('_').lower()} probe, mIoU "
+             f"{mean_iou:.2f}: the share of each true class's pixels in each cluster", fontsize=CM_FONT_SIZE)
+    return fig

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -168,3 +168,48 @@ def save_group_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, object
         fig.legend(handles, labels, loc="outside lower center", fontsize=FONT_SIZE, frameon=False)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=GRID_DPI, format="png")
+
+
+IOU_CLASS_INCHES = 0.6  # width of one class's group of bars
+IOU_HEIGHT_INCHES = 4.5
+IOU_MARGIN_INCHES = 1.2  # left and right, for the axis label and the legend
+IOU_BEFORE_ALPHA = 0.5  # the bars before CRF are lighter than those after
+
+
+def save_per_class_iou(no_crf: Mapping[str, Mapping[str, float]], crf: Optional[Mapping[str, Mapping[str, float]]],
+                       path: Union[str, Path]) -> None:
+    """Save ``per_class_iou_figure`` as a PNG."""
+    fig = per_class_iou_figure(no_crf, crf)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=GRID_DPI, format="png")
+
+
+def per_class_iou_figure(no_crf: Mapping[str, Mapping[str, float]],
+                         crf: Optional[Mapping[str, Mapping[str, float]]]) -> Figure:
+    """One group of bars per class: its IoU (percent) for each probe (``no_crf``: {"cluster": {class name: IoU},
+    "linear": ...}), and after CRF (``crf``, same layout, or None) in the same colour, darker; the mean over the classes
+    in the legend. A class without IoU (never labelled nor predicted: NaN) has no bar."""
+    series = [(f"{probe}", values, i, IOU_BEFORE_ALPHA) for i, (probe, values) in enumerate(no_crf.items())]
+    if crf is not None:
+        series = [entry for i, (probe, values) in enumerate(crf.items())
+                  for entry in (series[i], (f"{probe} + CRF", values, i, 1.0))]
+    names = list(next(iter(no_crf.values())))
+    width = 2 * IOU_MARGIN_INCHES + IOU_CLASS_INCHES * len(names)
+    fig = Figure(figsize=(width, IOU_HEIGHT_INCHES), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bar = 0.8 / len(series)
+    for i, (label, values, color, alpha) in enumerate(series):
+        heights = np.array([values.get(name, math.nan) for name in names], dtype=np.float64)
+        finite = heights[np.isfinite(heights)]
+        mean = f"{finite.mean():.2f}" if finite.size else "-"
+        ax.bar(np.arange(len(names)) - 0.4 + bar * (i + 0.5), np.nan_to_num(heights, nan=0.0), width=bar,
+               label=f"{label} (mIoU {mean})", color=f"C{color}", alpha=alpha)
+    ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=FONT_SIZE + 1)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylim(0, 100)
+    ax.tick_params(axis="y", labelsize=FONT_SIZE)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylabel("per-class IoU (%)", fontsize=FONT_SIZE + 1)
+    fig.legend(fontsize=FONT_SIZE + 1, frameon=False, ncol=len(series), loc="outside upper center")
+    return fig
