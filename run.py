@@ -16,17 +16,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.cli import base_parser, config_from_args, run_main, sets_on_command_line
-from utils.config import NONE_WEIGHTS, config_to_dict
+from utils.config import NONE_WEIGHTS, Config, config_to_dict
 from utils.errors import ConfigError
 from utils.overrides import is_sweep
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
-    from engine.train import LAST, TrainingDiverged, evaluate_run, train
-    from utils.distributed import World, launch
-    from utils.tracking import Tracker, require_credentials, wandb_mode
-
     parser = base_parser("Train PPAP: a segmentation head on a frozen DINO ViT, without labels.")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run from its last.pth (a sweep: skip its finished runs, resume the others)")
@@ -49,6 +44,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "python eval.py --checkpoint FILE, continue this run with --resume, or evaluate its "
                           "best.pth and last.pth with --test")
     cfg = config_from_args(args)
+    from utils.device import deterministic_algorithms  # torch loads here, under run_main: Ctrl-C meanwhile ends quietly
+
+    with deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, args)
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> int:
+    from engine.train import LAST, TrainingDiverged, evaluate_run, train
+    from utils.distributed import World, launch
+    from utils.tracking import Tracker, require_credentials, wandb_mode
+
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
     fabric = launch(cfg.device, cfg.gpu_ids)  # one process, or this one's place among those torchrun started
     world = World(fabric)

@@ -6,7 +6,8 @@
 Each step runs in a process of its own, with a time limit:
 1. the tests that take a device: ``python -m pytest -m device --device cuda``;
 2. the demo (json/demo.json: synthetic data, one epoch, validation, final evaluation with CRF) in fp16 and in bf16;
-3. the training-step benchmark at vit_small/8, batch 64, fp16: our PPAP loss against the straightforward one;
+3. the training-step benchmark at vit_small/8, batch 64, fp16: our PPAP loss against the straightforward one, and
+   our step with ``deterministic: true`` against without (its cost);
 4. the loss benchmark at the official geometry (batch 64, 28 x 28 patches, 384 channels);
 5. the CRF benchmark (the serial loop against the process pool).
 It prints one Markdown table, ready for the README, and exits with status 1 if any step failed.
@@ -95,6 +96,12 @@ def describe_train(output: str) -> str:
     return f"straightforward loss {plain:.1f} images/s, ours {ours:.1f} images/s ({ours / plain:.2f}x)"
 
 
+def describe_deterministic(output: str) -> str:
+    r = last_json(output)
+    free, fixed = r["ours_images_per_s"], r["deterministic_images_per_s"]
+    return f"deterministic: false {free:.1f} images/s, true {fixed:.1f} images/s ({fixed / free:.2f}x)"
+
+
 def describe_loss(output: str) -> str:
     r = last_json(output)
     slow, fast = r["straightforward"], r["ours"]
@@ -149,6 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                          [py, "benchmarks/train_bench.py", "--arch", arch, "--patch", patch, "--batch", batch,
                           "--precision", "fp16", "--device", args.device, "--steps", "2" if quick else "5", "--json"],
                          300, describe_train))
+        rows.append(step("training step, deterministic: true", f"{arch}/{patch}, batch {batch}, 224 px, fp16",
+                         [py, "benchmarks/train_bench.py", "--arch", arch, "--patch", patch, "--batch", batch,
+                          "--precision", "fp16", "--device", args.device, "--steps", "2" if quick else "5", "--json",
+                          "--deterministic"], 300, describe_deterministic))
         loss_batch = "2" if quick else "64"
         rows.append(step("PPAP loss, forward + backward", f"batch {loss_batch} x 28 x 28 patches, 384 channels",
                          [py, "benchmarks/loss_bench.py", "--batch", loss_batch, "--device", args.device, "--json"],

@@ -8,6 +8,7 @@ speed does not depend on them.
     python benchmarks/train_bench.py --arch vit_tiny --patch 16 --batch 8
     python benchmarks/train_bench.py --arch vit_small --patch 8 --batch 8 --device cuda --precision fp16
     python benchmarks/train_bench.py --family dinov2 --arch vit_small --patch 14 --batch 8
+    python benchmarks/train_bench.py --deterministic ...   # instead: ours with and without deterministic: true
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from engine.train import build_optimizers, forward_losses  # noqa: E402
 from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
 from utils.config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
-from utils.device import autocast, grad_scaler  # noqa: E402
+from utils.device import autocast, deterministic_algorithms, grad_scaler  # noqa: E402
 from utils.distributed import ONE_PROCESS  # noqa: E402
 
 N_CLASSES = 27  # COCO-Stuff
@@ -88,16 +89,26 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="time our step without and with deterministic kernels (the cost of deterministic: true)")
     args = parser.parse_args()
     device = torch.device(args.device)
     ours = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
-    plain = images_per_second(StraightforwardPPAP(), args, device)
+    if args.deterministic:  # the same step, with deterministic kernels
+        with deterministic_algorithms(True):
+            other = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
+        results = {"ours_images_per_s": ours, "deterministic_images_per_s": other}
+        lines = [("deterministic: false", ours), ("deterministic: true", other)]
+    else:
+        other = images_per_second(StraightforwardPPAP(), args, device)
+        results = {"straightforward_images_per_s": other, "ours_images_per_s": ours}
+        lines = [("straightforward loss", other), ("ours", ours)]
     if args.json:
-        print(json.dumps({"straightforward_images_per_s": plain, "ours_images_per_s": ours}))
-    print(f"training step, {args.family} {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, device={device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  straightforward loss {plain:8.2f} images/s")
-    print(f"  ours                 {ours:8.2f} images/s   ({ours / plain:.2f}x)")
+        print(json.dumps(results))
+    print(f"training step, {args.family} {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, "
+          f"device={device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"  {lines[0][0]:<21s}{lines[0][1]:8.2f} images/s")
+    print(f"  {lines[1][0]:<21s}{lines[1][1]:8.2f} images/s   ({lines[1][1] / lines[0][1]:.2f}x)")
 
 
 if __name__ == "__main__":

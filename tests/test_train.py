@@ -8,11 +8,12 @@ import torch
 import run
 from dataset import EpochSampler
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
-from engine.train import Progress, probe_cross_entropy
+from engine.train import Progress, bilinear_weights, probe_cross_entropy, upsample
 from loss import PPAPLoss
 from tests.conftest import ROOT, patch_ppap_loss, tiny_options
 from utils.cli import run_main
 from utils.config import load_config
+from utils.device import deterministic_algorithms
 from utils.files import save_atomically
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
@@ -112,6 +113,33 @@ def test_same_seed_gives_the_same_numbers(tiny_data, tmp_path):
     logs = [(tmp_path / n / "output" / "tiny" / "log.jsonl").read_text().splitlines() for n in ("a", "b")]
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "images_per_s"}  # noqa: E731
     assert [strip(x) for x in logs[0]] == [strip(x) for x in logs[1]]
+
+
+@pytest.mark.parametrize("size, out", [((28, 28), (224, 224)), ((5, 7), (40, 33)), ((40, 30), (7, 9)),
+                                       ((1, 3), (4, 4))])
+def test_the_deterministic_upsampling_is_bilinear_interpolation(size, out):
+    logits = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    expected = torch.nn.functional.interpolate(logits, out, mode="bilinear", align_corners=False)
+    with deterministic_algorithms(True):
+        got = upsample(logits, out)
+    upstream = torch.randn_like(expected)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    (want_grad,), (got_grad,) = (torch.autograd.grad(y, logits, upstream) for y in (expected, got))
+    assert torch.allclose(got_grad, want_grad, rtol=0, atol=1e-12)
+
+
+def test_deterministic_runs_repeat_and_leave_the_setting_as_it_was(tiny_data, tmp_path, monkeypatch):
+    import engine.train
+
+    calls = []
+    monkeypatch.setattr(engine.train, "bilinear_weights",
+                        lambda *a: calls.append(torch.are_deterministic_algorithms_enabled()) or bilinear_weights(*a))
+    for name in ("a", "b"):
+        assert train(tiny_options(tmp_path / name, tiny_data, deterministic=True)) == 0
+    assert calls and all(calls)  # the training step ran with deterministic algorithms
+    assert not torch.are_deterministic_algorithms_enabled()  # and the setting came back after the run
+    a, b = (load_checkpoint(tmp_path / n / "output" / "tiny" / "last.pth") for n in ("a", "b"))
+    assert all(states_equal(a[key], b[key]) for key in RELEASED_KEYS)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):

@@ -291,6 +291,7 @@ class Config:
     seed: int = 0  # ours: seeds torch, numpy, random and the data-loader workers
     device: str = "auto"  # ours: auto | cpu | cuda | cuda:N
     precision: str = "auto"  # ours: auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    deterministic: bool = False  # ours: deterministic kernels, so that a GPU run repeats bit for bit
 
     def __post_init__(self) -> None:
         _require(all(i >= 0 for i in self.gpu_ids), "gpu_ids", f"must be GPU indices >= 0 (got {list(self.gpu_ids)})")

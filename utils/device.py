@@ -11,7 +11,8 @@ used, because they update the loss scale at every optimizer step and PPAP steps 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import os
+from typing import ContextManager, Iterator
 
 import torch
 from lightning_fabric import Fabric
@@ -23,6 +24,8 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # 2000); a smaller initial scale skips fewer steps at the start, and we keep both so that fp16 runs match it.
 GRAD_SCALER_INIT_SCALE = 2048.0
 GRAD_SCALER_GROWTH_INTERVAL = 1000
+# cuBLAS repeats its results only with a fixed workspace (CUDA's documentation on cuBLAS reproducibility)
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def resolve_device(device: str, gpu_ids: tuple[int, ...] = (0,)) -> torch.device:
@@ -73,3 +76,25 @@ def make_fabric(device: torch.device) -> Fabric:
     if device.type == "cuda":
         return Fabric(accelerator="cuda", devices=[device.index or 0], precision="32-true")
     return Fabric(accelerator="cpu", devices=1, precision="32-true")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``deterministic: true`` in the block: PyTorch's deterministic kernels (``torch.use_deterministic_algorithms``),
+    cuDNN's deterministic convolutions and a fixed cuBLAS workspace, so that a GPU run repeats bit for bit where
+    PyTorch allows; the previous settings come back afterwards. An operation without a deterministic kernel warns
+    once (by name) and runs anyway rather than stopping a long run (``warn_only``); the training step avoids the one
+    it would meet (``engine.train.upsample``).
+
+    Enter before the first CUDA operation of the process (cuBLAS reads its workspace setting when it starts)."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault(*CUBLAS_WORKSPACE)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:]
