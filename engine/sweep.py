@@ -17,6 +17,7 @@ terminal does not signal them twice); the sweep passes it on to the running runs
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,9 +130,13 @@ def run_sweep(program: Path, opt: str, items: Sequence[str], *, data_path: Optio
                         f"wandb.name or output_dir")
     try:
         _check_folder(plan, resume)
+        before = _previous_state(plan.folder) if resume else {}
         for run in plan.runs:
             if resume and (plan.folder / run.name / FINAL_METRICS).is_file():
-                run.status = "done"
+                record = before.get(run.name, {})
+                for key in ("resumed", "device", "exit_status", "started", "seconds"):  # how it ran, when it ran
+                    setattr(run, key, record.get(key))
+                run.status, run.reason = "done", None
         state = _State(plan, opt, items)
         todo = [run for run in plan.runs if run.status != "done"]
         print(f"sweep of {len(plan.runs)} runs into {plan.folder}"
@@ -157,6 +162,15 @@ def _check_folder(plan: Plan, resume: bool) -> None:
     if started:
         raise UserError(f"{plan.folder} already holds this sweep's runs; pass --resume to continue it (finished runs "
                         f"are skipped), or choose another wandb.name or output_dir")
+
+
+def _previous_state(folder: Path) -> dict[str, dict]:
+    """The runs recorded in an earlier sweep.json, by name (none if it is missing or unreadable)."""
+    try:
+        runs = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))["runs"]
+        return {r["name"]: r for r in runs if isinstance(r, dict) and "name" in r}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 class _State:

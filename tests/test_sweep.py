@@ -190,6 +190,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path):
     finished = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1", "--resume"), cwd=ROOT,
                               capture_output=True, text=True, timeout=WAIT_S)
     assert finished.returncode == 0 and "(2 finished before)" in finished.stdout
+    assert state_of(folder) == state  # how the runs ran is kept
     assert "=== sweep run" not in finished.stdout and (folder / "summary.md").is_file()
 
 
