@@ -49,6 +49,7 @@ CRF_POS_W = 3  # Gaussian kernel weight: POS_W in STEGO
 CRF_BI_XY_STD = 67  # bilateral (appearance) kernel, spatial std in pixels: Bi_XY_STD in STEGO
 CRF_BI_RGB_STD = 3  # bilateral kernel, colour std in uint8 levels (one for all channels): Bi_RGB_STD in STEGO
 CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
+UNARY_CLIP = 1e-5  # probabilities are clipped here before -log: pydensecrf's unary_from_softmax default
 
 START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
 WORKER_EXIT_S = 10.0  # a terminated worker is gone long before this; the bound only avoids waiting forever
@@ -57,6 +58,8 @@ WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 Output = Literal["labels", "probs"]
 OUTPUTS = ("labels", "probs")
+Backend = Literal["pydensecrf", "torch"]
+BACKENDS = ("pydensecrf", "torch")  # eval.crf_backend
 
 
 class CRFError(RuntimeError):
@@ -100,16 +103,28 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=0, keepdims=True)
 
 
-def dense_crf(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def dense_crf(image: np.ndarray, scores: np.ndarray, backend: Backend = "pydensecrf",
+              device: Optional[str] = None) -> np.ndarray:
     """Refine CxhxW class scores (logits or log-probabilities) on an HxWx3 uint8 RGB image.
 
-    Returns the CRF's CxHxW float32 class probabilities at the image's resolution.
+    Returns the CRF's CxHxW float32 class probabilities at the image's resolution. ``backend``: "pydensecrf" (the
+    paper's protocol) or "torch" (utils/lattice.py: the same CRF in PyTorch, on ``device``, default the CPU).
     """
     _check_inputs(image, scores)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+    if backend == "torch":
+        import torch
+
+        from utils.lattice import dense_crf_torch
+
+        probs = dense_crf_torch(torch.tensor(image, device=device or "cpu")[None],
+                                torch.tensor(scores, device=device or "cpu")[None])
+        return probs[0].cpu().numpy()
     height, width = image.shape[:2]
     n_classes = scores.shape[0]
     probs = _softmax(_resize_bilinear(scores.astype(np.float32, copy=False), height, width))
-    unary = np.ascontiguousarray(unary_from_softmax(probs))
+    unary = np.ascontiguousarray(unary_from_softmax(probs, clip=UNARY_CLIP))
     # STEGO passes the image as BGR. One colour std for all channels makes the CRF model itself independent of the
     # channel order, but its permutohedral-lattice approximation is not symmetric in the feature dimensions: RGB
     # and BGR give probabilities that differ by up to ~0.9 on a noisy image. We keep BGR to reproduce the original.
