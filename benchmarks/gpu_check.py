@@ -9,7 +9,7 @@ Each step runs in a process of its own, with a time limit:
 3. the training-step benchmark at vit_small/8, batch 64, fp16: our PPAP loss against the straightforward one, and
    our step with ``deterministic: true`` against without (its cost);
 4. the loss benchmark at the official geometry (batch 64, 28 x 28 patches, 384 channels);
-5. the CRF benchmark (the serial loop against the process pool).
+5. the CRF benchmark (pydensecrf's serial loop and process pool, the torch backend on the CPU and on the GPU).
 It prints one Markdown table, ready for the README, and exits with status 1 if any step failed.
 """
 from __future__ import annotations
@@ -120,8 +120,13 @@ def describe_crf(output: str) -> str:
     r = last_json(output)
     if not r["identical"]:
         raise ValueError("the pool's results differ from the serial loop's")
-    return (f"serial {r['serial_images_per_s']:.2f} images/s, pool of {r['workers']} "
-            f"{r['pool_images_per_s']:.2f} images/s, identical results")
+    serial = r["serial_images_per_s"]
+    torch_rates = ", ".join(f"torch on {kind} {r[f'torch_{kind}_images_per_s']:.2f} images/s "
+                            f"({r[f'torch_{kind}_images_per_s'] / serial:.1f}x)"
+                            for kind in ("cpu", "cuda") if f"torch_{kind}_images_per_s" in r)
+    return (f"pydensecrf serial {serial:.2f} images/s, pool of {r['workers']} {r['pool_images_per_s']:.2f} "
+            f"images/s (identical); {torch_rates}; labels as pydensecrf's on {100 * r['label_agreement']:.2f}% "
+            f"of pixels")
 
 
 def device_name(device: str) -> str:

@@ -42,7 +42,8 @@ from utils.device import autocast
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, WeightsError
 from utils.files import to_json, write_text_atomically
-from utils.image import denormalize_to_uint8
+from utils.image import denormalize_batch
+from utils.lattice import dense_crf_torch
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils import signals
 from utils.tracking import Tracker
@@ -125,7 +126,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
     loss_sum, n_images, examples = 0.0, 0, []
     pending: dict[int, Tensor] = {}  # labels of images whose CRF result has not come back yet
     crf_results: dict[tuple[int, str], np.ndarray] = {}  # CRF maps of the example images
-    pool = CRFPool(cfg.crf_workers, output="labels") if crf else contextlib.nullcontext()
+    on_device = crf and cfg.crf_backend == "torch"  # refined here, a batch at a time; else by the pool
+    pool = CRFPool(cfg.crf_workers, output="labels") if crf and not on_device else contextlib.nullcontext()
     quiet = None if world.is_main else True  # progress bars of process 0 only
     crf_bar = tqdm(total=2 * len(loader.sampler), desc=f"{desc} CRF", leave=False, disable=quiet if crf else True)
     try:
@@ -144,14 +146,21 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 no_crf.linear.update(linear_pred, label)
                 loss_sum += float(cluster_out.loss) * img.shape[0]  # a mean over the batch's images
                 shown = min(img.shape[0], max(n_examples - n_images, 0))  # images of this batch to visualise
-                images = [denormalize_to_uint8(img[j]) for j in range(img.shape[0] if crf else shown)]
+                rgb = denormalize_batch(img) if crf or shown else None
                 for j in range(shown):
-                    examples.append({"image": images[j], "ground truth": _np(label[j]),
+                    examples.append({"image": _np(rgb[j]), "ground truth": _np(label[j]),
                                      "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
                 if crf:
-                    crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1).cpu().numpy(),
-                                  "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(),
-                                                           dim=1).cpu().numpy()}
+                    crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1),
+                                  "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1)}
+                if on_device:
+                    for kind, scores in crf_inputs.items():
+                        refined = dense_crf_torch(rgb, scores).argmax(1)
+                        getattr(with_crf, kind).update(refined, label)
+                        crf_results.update({(n_images + j, kind): _np(refined[j]) for j in range(shown)})
+                    crf_bar.update(2 * img.shape[0])
+                elif crf:
+                    images, crf_inputs = _np(rgb), {kind: _np(scores) for kind, scores in crf_inputs.items()}
                     for j, image in enumerate(images):
                         index = n_images + j
                         pending[index] = label[j]
@@ -159,7 +168,7 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                             pool.submit((index, kind), image, crf_inputs[kind][j])
                     _collect(pool.ready(), pending, with_crf, crf_results, n_examples, device, crf_bar)
                 n_images += img.shape[0]
-            if crf:
+            if crf and not on_device:
                 _collect(pool.results(), pending, with_crf, crf_results, n_examples, device, crf_bar)
     finally:
         for m, mode in zip(modules, was_training):
@@ -218,16 +227,19 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], colors: np.ndarray,
-                checkpoint: str, prefix: str = "", tta: str = "none") -> dict[str, Path]:
-    """Write ``{prefix}eval_report.json``, the confusion matrix and the visualisation; return their paths.
+                checkpoint: str, prefix: str = "", tta: str = "none",
+                crf_backend: str = "pydensecrf") -> dict[str, Path]:
+    """Write ``{prefix}eval_report.json``, the confusion matrix, the per-class IoU chart and the visualisation;
+    return their paths.
 
     The report holds the metrics (``no_crf``, ``crf``), per-class IoU, the checkpoint, the number of images, the
-    test-time augmentation, and the Hungarian ``matching`` of the cluster probe (``predict.py`` names clusters with
-    it)."""
+    test-time augmentation, the CRF backend (null without CRF), and the Hungarian ``matching`` of the cluster probe
+    (``predict.py`` names clusters with it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {**evaluation.metrics(),
                               "per_class_iou": evaluation.no_crf.per_class_iou(class_names),
                               "checkpoint": checkpoint, "n_images": evaluation.n_images, "tta": tta,
+                              "crf_backend": crf_backend if evaluation.crf is not None else None,
                               "matching": evaluation.matching(class_names)}
     if evaluation.crf is not None:
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
@@ -300,7 +312,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
         if not world.is_main:
             continue
         paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "",
-                            tta=cfg.eval.tta)
+                            tta=cfg.eval.tta, crf_backend=cfg.eval.crf_backend)
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
         section = f"eval/{name or path.stem}"

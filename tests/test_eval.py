@@ -57,6 +57,17 @@ def test_released_checkpoint_is_evaluated_before_and_after_crf(report):
     assert report["n_images"] == 4 and report["checkpoint"].endswith("ppap_tiny/ckpt.pth")
 
 
+def test_the_torch_crf_backend_gives_the_same_metrics_and_says_so(report, released, tmp_path):
+    options, _ = released
+    assert run_main(eval_script.main, ["--opt", str(options), "--debug", "--out", str(tmp_path),
+                                       "eval.crf_backend=torch"]) == 0
+    torch_report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert (report["crf_backend"], torch_report["crf_backend"]) == ("pydensecrf", "torch")
+    assert torch_report["no_crf"] == report["no_crf"]
+    for metric in METRICS:  # the same refinement: the bound is 0.3 points on real data
+        assert abs(torch_report["crf"][metric] - report["crf"][metric]) < 0.3, metric
+
+
 def test_report_has_per_class_iou_by_class_name(report):
     assert set(report["per_class_iou"]) == {"cluster", "linear"}
     assert set(report["per_class_iou"]["cluster"]) == {"red", "green", "blue"}

@@ -46,6 +46,7 @@ DATA_TYPES = ("cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam
 GATHER_PRECISIONS = ("fp32", "fp16", "bf16")  # train.gather_feats: fp32 is exact; the others halve the traffic
 WANDB_MODES = ("online", "offline", "disabled")
 TTA_MODES = ("none", "flip")
+CRF_BACKENDS = ("pydensecrf", "torch")  # eval.crf_backend
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 BASE_KEY = "base"  # top-level key naming an option file this one extends
 
@@ -266,9 +267,11 @@ class EvalConfig:
     crf_workers: Optional[int] = None  # ours: CRF processes; null = usable cores, 0 = serial in-process
     legacy_extra_cluster_mask: bool = False  # ours: drop predictions >= n_classes, to reproduce the original's numbers
     tta: str = "none"  # ours: "flip" averages the code of the image and of its mirror (STEGO's protocol); PPAP: none
+    crf_backend: str = "pydensecrf"  # ours: "torch" refines batches on the evaluation's device, without a pool
 
     def __post_init__(self) -> None:
         _choice(self.tta, "tta", TTA_MODES)
+        _choice(self.crf_backend, "crf_backend", CRF_BACKENDS)
         _require(self.extra_clusters >= 0, "extra_clusters", f"must be >= 0 (got {self.extra_clusters})")
         _require(self.n_images >= 0, "n_images", f"must be >= 0 (got {self.n_images})")
         _require(self.crf_workers is None or self.crf_workers >= 0, "crf_workers",

@@ -40,6 +40,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
+from utils.config import CRF_BACKENDS
 from utils.distributed import local_world_size
 from utils.signals import ignored, worker_process_setup
 
@@ -59,7 +60,6 @@ WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
 Output = Literal["labels", "probs"]
 OUTPUTS = ("labels", "probs")
 Backend = Literal["pydensecrf", "torch"]
-BACKENDS = ("pydensecrf", "torch")  # eval.crf_backend
 
 
 class CRFError(RuntimeError):
@@ -111,8 +111,8 @@ def dense_crf(image: np.ndarray, scores: np.ndarray, backend: Backend = "pydense
     paper's protocol) or "torch" (utils/lattice.py: the same CRF in PyTorch, on ``device``, default the CPU).
     """
     _check_inputs(image, scores)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+    if backend not in CRF_BACKENDS:
+        raise ValueError(f"backend must be one of {CRF_BACKENDS} (got {backend!r})")
     if backend == "torch":
         import torch
 

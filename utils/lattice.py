@@ -131,11 +131,13 @@ class Permutohedral:
         lattice = torch.zeros(self.m + 1, c, dtype=values.dtype, device=values.device)  # row M stays 0
         lattice.index_add_(0, self.offsets.reshape(-1),
                            (self.weights[:, :, None] * values[:, None, :]).reshape(-1, c))
+        spare = torch.zeros_like(lattice)
         axes = range(d, -1, -1) if reverse else range(d + 1)
-        for j in axes:
+        for j in axes:  # new = old + (left + right) / 2, into the other buffer
             left, right = self.neighbours[j]
-            blurred = lattice[: self.m] + 0.5 * (lattice[left] + lattice[right])
-            lattice = torch.cat([blurred, lattice[self.m:]])
+            both = torch.index_select(lattice, 0, left).add_(torch.index_select(lattice, 0, right))
+            torch.add(lattice[: self.m], both, alpha=0.5, out=spare[: self.m])
+            lattice, spare = spare, lattice
         out = torch.zeros(n, c, dtype=values.dtype, device=values.device)
         for j in range(d + 1):
             if c <= 2:  # pydensecrf's scalar path: (w * v) * alpha
