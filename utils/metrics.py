@@ -234,6 +234,6 @@ def confusion_matrix_figure(metric: UnsupervisedMetrics, class_names: Sequence[s
                         0.15 / width, CM_CELL_INCHES * n_rows / height))
     fig.colorbar(image, cax=cax).ax.tick_params(labelsize=CM_FONT_SIZE)
     mean_iou = PERCENT * _nanmean(_iou(*metric._class_counts()))  # as compute() gave it, without its process sync
-    fig.text(CM_LABEL_INCHES / width, 0.25 / height, f"{metric.prefix.rstrip('_').lower()} probe, mIoU "
-             f"{mean_iou:.2f}: the share of each true class's pixels in each cluster", fontsize=CM_FONT_SIZE)
+    fig.text(CM_LABEL_INCHES / width, 0.1 / height, f"{metric.prefix.rstrip('_').lower()} probe, mIoU {mean_iou:.2f}\n"
+             f"row: where a class's pixels go", fontsize=CM_FONT_SIZE)
     return fig
