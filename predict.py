@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = predict(net, linear, cluster, inputs, out_dir, labels, args.probe, device,
                       resolve_precision(cfg.precision, device), tta=args.tta == "flip", crf=args.crf,
-                      crf_workers=cfg.eval.crf_workers, save_scores=args.save_scores, batch_size=args.batch_size)
+                      crf_workers=cfg.eval.crf_workers, save_scores=args.save_scores, batch_size=args.batch_size,
+                      crf_backend=cfg.eval.crf_backend)
     print(f"{summary.line()}; outputs in {out_dir}")
     return 1 if summary.failed else 0
 

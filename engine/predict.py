@@ -35,7 +35,8 @@ from utils.crf import CRFPool
 from utils.device import autocast
 from utils.errors import DataError, UserError
 from utils.files import atomic_output
-from utils.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_to_uint8
+from utils.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_batch, denormalize_to_uint8
+from utils.lattice import dense_crf_torch
 from utils import signals
 
 log = logging.getLogger(__name__)
@@ -200,15 +201,17 @@ class Summary:
 def predict(net: nn.Module, linear: nn.Module, cluster: nn.Module, inputs: Sequence[Input], out_dir: Path,
             labels: Labels, probe: str, device: torch.device, precision: str, tta: bool = False,
             crf: bool = False, crf_workers: Optional[int] = None, save_scores: bool = False,
-            batch_size: int = 8) -> Summary:
+            batch_size: int = 8, crf_backend: str = "pydensecrf") -> Summary:
     """Segment ``inputs`` into ``out_dir``: ``NAME.png`` and ``NAME_overlay.jpg`` (and ``NAME_scores.npz``) each.
 
     Consecutive images that the network sees at the same size (the frames of a video, a camera's photos) go through
-    it in batches of up to ``batch_size``; with ``crf`` the CRF pool refines earlier images meanwhile."""
+    it in batches of up to ``batch_size``; with ``crf`` the CRF pool refines earlier images meanwhile, or, with
+    ``crf_backend`` "torch", each batch is refined on the device."""
     for m in (net, linear, cluster):
         m.eval()
     summary = Summary()
-    pool = CRFPool(crf_workers, output="labels") if crf else contextlib.nullcontext()
+    on_device = crf and crf_backend == "torch"
+    pool = CRFPool(crf_workers, output="labels") if crf and not on_device else contextlib.nullcontext()
     waiting: dict[Path, Prediction] = {}  # images in the CRF pool
 
     def run(batch: list[tuple[Input, Image.Image, Tensor]]) -> None:
@@ -216,15 +219,19 @@ def predict(net: nn.Module, linear: nn.Module, cluster: nn.Module, inputs: Seque
         with autocast(device, precision):
             code = F.interpolate(segment_code(net, img, tta), img.shape[-2:], mode="bilinear", align_corners=False)
             scores = linear(code) if probe == "linear" else CRF_CLUSTER_ALPHA * cluster(code).inner
-        log_probs = F.log_softmax(scores.float(), dim=1).cpu().numpy()
+        log_probs = F.log_softmax(scores.float(), dim=1)
+        refined = dense_crf_torch(denormalize_batch(img), log_probs).argmax(1).cpu().numpy() if on_device else None
+        log_probs = log_probs.cpu().numpy()
         for j, (item, image, _) in enumerate(batch):
             done = Prediction(item.name, image, log_probs[j])
-            if crf:
+            if on_device:
+                _write(done, refined[j], out_dir, labels, save_scores, summary)
+            elif crf:
                 waiting[item.name] = done
                 pool.submit(item.name, denormalize_to_uint8(img[j]), log_probs[j])
             else:
                 _write(done, log_probs[j].argmax(0), out_dir, labels, save_scores, summary)
-        if crf:
+        if crf and not on_device:
             for key, crf_labels in pool.ready():
                 _write(waiting.pop(key), crf_labels, out_dir, labels, save_scores, summary)
 
@@ -245,7 +252,7 @@ def predict(net: nn.Module, linear: nn.Module, cluster: nn.Module, inputs: Seque
             batch.append((item, image, tensor))
         if batch:
             run(batch)
-        if crf:
+        if crf and not on_device:
             for key, crf_labels in pool.results():
                 _write(waiting.pop(key), crf_labels, out_dir, labels, save_scores, summary)
     return summary

@@ -105,6 +105,16 @@ def test_one_bad_file_is_named_and_the_others_are_written(model, photo, tmp_path
         "good.jpg.png", "good.jpg_overlay.jpg", "good.png.png", "good.png_overlay.jpg"}
 
 
+def test_both_crf_backends_paint_the_same_map(model, photo, tmp_path):
+    checkpoint, _ = model
+    photo.save(tmp_path / "photo.png")
+    for backend in ("pydensecrf", "torch"):
+        assert predict(checkpoint, tmp_path / backend, "--crf", str(tmp_path / "photo.png"),
+                       f"eval.crf_backend={backend}") == 0
+    maps = [np.asarray(Image.open(tmp_path / backend / "photo.png")) for backend in ("pydensecrf", "torch")]
+    assert maps[0].shape == photo.size[::-1] and np.mean(maps[0] == maps[1]) >= 0.999
+
+
 @pytest.mark.parametrize("given", ["empty", "missing", "pattern"])
 def test_no_input_is_a_usage_error(model, tmp_path, given):
     checkpoint, _ = model
