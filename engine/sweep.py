@@ -76,9 +76,8 @@ def plan_sweep(opt: str, items: Sequence[str], data_path: Optional[str] = None) 
     for axis in sweep.axes:
         if axis[0].key in NOT_SWEPT:
             raise ConfigError(f"--multirun: {axis[0].key} names the sweep's folder and cannot be swept")
-    fixed = [s.override for s in sweep.fixed]
     extra = [("dataset.data_path", data_path)] if data_path is not None else []
-    base = load_config(opt, [*fixed, *extra])
+    base = load_config(opt, [*(s.override for s in sweep.fixed), *extra])
     folder = Path(base.output_dir) / base.wandb.name
     group = base.wandb.group or base.wandb.name
     runs, names = [], set()
@@ -87,9 +86,9 @@ def plan_sweep(opt: str, items: Sequence[str], data_path: Optional[str] = None) 
         if name in names:
             raise ConfigError(f"--multirun: the run {name} comes twice; give each value once")
         names.add(name)
-        overrides = [*fixed, *(s.override for s in point),
-                     *(Setting(k, v, "").override for k, v in (("output_dir", str(folder)), ("wandb.name", name),
-                                                               ("wandb.group", group)))]
+        where = (Setting("output_dir", str(folder), ""), Setting("wandb.name", name, ""),
+                 Setting("wandb.group", group, ""))  # its folder in the sweep's, and its wandb name and group
+        overrides = [s.override for s in (*sweep.fixed, *point, *where)]
         load_config(opt, [*overrides, *extra])  # a mistake in any run's options is found before the first run
         runs.append(SweepRun(name, overrides))
     return Plan(folder, runs, base)
