@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 from engine.evaluate import METRIC_NAMES
 from engine.journal import read_log
-from utils.errors import UserError
+from utils.config import config_from_dict, config_to_dict
+from utils.errors import ConfigError, UserError
 from utils.files import to_json, write_text_atomically
 from utils.visualize import save_group_curves
 
@@ -72,10 +73,20 @@ def find_runs(arguments: Sequence[str]) -> list[Run]:
             metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise UserError(f"{folder}: cannot read its {CONFIG_FILE} and {METRICS_FILE} ({err})") from None
-        options = {k: v for k, v in flatten(config).items()
+        options = {k: v for k, v in flatten(with_defaults(config, folder / CONFIG_FILE)).items()
                    if not any(k == drop or k.startswith(drop) for drop in NOT_THE_EXPERIMENT)}
         runs.append(Run(folder, options, config.get("seed"), metrics))
     return runs
+
+
+def with_defaults(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The options of a config.json with the default of every key it does not name (written before the key existed),
+    so that runs of older and newer versions compare by what they computed; options this version cannot read are
+    compared as written."""
+    try:
+        return config_to_dict(config_from_dict(config, source=str(path)))
+    except ConfigError:
+        return config
 
 
 def groups_of(runs: list[Run]) -> dict[str, list[Run]]:

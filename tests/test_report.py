@@ -68,3 +68,14 @@ def test_one_run_per_group_has_no_spread(tiny_data, tmp_path):
 def test_no_runs_is_a_usage_error(tmp_path, capsys):
     assert run_main(report_command.main, [str(tmp_path)]) == 2
     assert "no final_metrics.json below" in capsys.readouterr().err
+
+
+def test_a_run_written_before_a_key_existed_groups_with_its_default(tiny_data, tmp_path):
+    for seed in (0, 1):
+        fake_run(tmp_path / f"seed={seed}", tiny_data, seed, 0.5, np.array([10.0, 20, 30, 40]) + seed, tmp_path)
+    older = json.loads((tmp_path / "seed=0" / "config.json").read_text())
+    del older["deterministic"], older["eval"]["crf_backend"]  # keys this version added, at their defaults
+    (tmp_path / "seed=0" / "config.json").write_text(json.dumps(older))
+    summary = report.summarize(report.find_runs([str(tmp_path)]))
+    assert list(summary["groups"]) == ["all runs"]
+    assert summary["groups"]["all runs"]["best"]["no_crf"]["Cluster_mIoU"]["n"] == 2
