@@ -264,7 +264,7 @@ def _start(run: SweepRun, folder: Path, args: list[str], slot: Optional[str], co
     env = dict(os.environ)
     overrides = list(run.overrides)
     out = None
-    if slot is not None:  # the run sees one GPU, its own, as cuda:0
+    if slot is not None:  # the run sees one GPU, its own, as its first device
         env["CUDA_VISIBLE_DEVICES"] = slot
         overrides.append("gpu_ids=[0]")
         run_dir.mkdir(parents=True, exist_ok=True)
