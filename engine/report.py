@@ -22,12 +22,12 @@ from typing import Any, Optional, Sequence
 
 from engine.evaluate import METRIC_NAMES
 from engine.journal import read_log
+from engine.train import CONFIG_FILE, FINAL_METRICS, LOG_FILE
 from utils.config import config_from_dict, config_to_dict
 from utils.errors import ConfigError, UserError
 from utils.files import to_json, write_text_atomically
 from utils.visualize import save_group_curves
 
-CONFIG_FILE, METRICS_FILE = "config.json", "final_metrics.json"
 CHECKPOINTS = {"best": "best.pth", "last": "last.pth"}
 SETTINGS = {"no_crf": "before CRF", "crf": "after CRF"}
 # options that do not change what a run computes: left out when runs are grouped (the seed is what varies in a group)
@@ -35,7 +35,7 @@ NOT_THE_EXPERIMENT = ("seed", "output_dir", "checkpoint", "gpu_ids", "device", "
                       "dataloader.num_workers", "train.print_freq", "eval.crf_workers", "eval.n_images",
                       "eval.is_visualize")
 SUMMARY_FILES = ("summary.md", "summary.json", "summary.csv")
-CURVES_FILE, LOG_FILE = "summary_curves.png", "log.jsonl"
+SUMMARY_CURVES = "summary_curves.png"
 
 
 @dataclass
@@ -63,16 +63,16 @@ def find_runs(arguments: Sequence[str]) -> list[Run]:
         path = Path(argument)
         if not path.is_dir():
             raise UserError(f"{argument}: not a folder (give run directories or folders that hold them)")
-        folders += [p.parent for p in sorted(path.rglob(METRICS_FILE))]
+        folders += [p.parent for p in sorted(path.rglob(FINAL_METRICS))]
     if not folders:
-        raise UserError(f"no {METRICS_FILE} below {', '.join(arguments)}: run.py writes it at the end of a run")
+        raise UserError(f"no {FINAL_METRICS} below {', '.join(arguments)}: run.py writes it at the end of a run")
     runs = []
     for folder in dict.fromkeys(folders):  # each once, in order
         try:
             config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+            metrics = json.loads((folder / FINAL_METRICS).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise UserError(f"{folder}: cannot read its {CONFIG_FILE} and {METRICS_FILE} ({err})") from None
+            raise UserError(f"{folder}: cannot read its {CONFIG_FILE} and {FINAL_METRICS} ({err})") from None
         options = {k: v for k, v in flatten(with_defaults(config, folder / CONFIG_FILE)).items()
                    if not any(k == drop or k.startswith(drop) for drop in NOT_THE_EXPERIMENT)}
         runs.append(Run(folder, options, config.get("seed"), metrics))
@@ -185,6 +185,6 @@ def write_summary(runs: list[Run], out_dir: Path, failed: Sequence[tuple[str, st
     logs: dict[str, list[list[dict[str, Any]]]] = {}
     for run in runs:
         logs.setdefault(group_of[str(run.path)], []).append(read_log(run.path / LOG_FILE))
-    save_group_curves(logs, out_dir / CURVES_FILE)
-    return paths + [out_dir / CURVES_FILE]
+    save_group_curves(logs, out_dir / SUMMARY_CURVES)
+    return paths + [out_dir / SUMMARY_CURVES]
 
