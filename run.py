@@ -51,11 +51,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
+    from engine.sweep import follow_sweep
     from engine.train import LAST, TrainingDiverged, evaluate_run, train
     from utils.distributed import World, launch
     from utils.tracking import Tracker, require_credentials, wandb_mode
 
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
+    follow_sweep(run_dir)
     fabric = launch(cfg.device, cfg.gpu_ids)  # one process, or this one's place among those torchrun started
     world = World(fabric)
     mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test or not world.is_main,

@@ -13,7 +13,8 @@ At the end, ``engine.report`` writes summary.md/.json/.csv and summary_curves.pn
 
 A stop signal (Ctrl-C, SIGTERM, SIGHUP) reaches the sweep alone (the runs have process groups of their own, so a
 terminal does not signal them twice); the sweep passes it on to the running runs, waits until they have stopped
-(their last.pth intact) and ends with the signal's status.
+(their last.pth intact) and ends with the signal's status. A sweep killed outright (SIGKILL) passes nothing on: its
+runs notice within a second and stop the same way, writing into their console.log.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ CONSOLE_FILE = "console.log"  # a run's output when several runs share the termi
 POLL_S = 0.2  # how often the sweep looks whether a run has ended
 TAIL_BYTES = 8192  # of a run's stderr, kept for the reason it failed
 NOT_SWEPT = ("output_dir", "wandb.name")  # they name the sweep's folder
+PARENT_ENV = "PPAP_SWEEP_PID"  # tells a run the sweep that started it (follow_sweep)
 
 
 @dataclass
@@ -261,7 +263,7 @@ def _start(run: SweepRun, folder: Path, args: list[str], slot: Optional[str], co
     run.resumed = (run_dir / LAST).is_file()
     run.status, run.device, run.exit_status, run.reason = "running", slot, None, None
     run.started, run.seconds = round(time.time(), 3), None
-    env = dict(os.environ)
+    env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
     overrides = list(run.overrides)
     out = None
     if slot is not None:  # the run sees one GPU, its own, as its first device
@@ -272,6 +274,14 @@ def _start(run: SweepRun, folder: Path, args: list[str], slot: Optional[str], co
     print(f"\n=== sweep run {count}: {run.name}" + (" (resumed from its last.pth)" if run.resumed else "")
           + (f" on GPU {slot}, output in {run_dir / CONSOLE_FILE}" if slot is not None else "") + " ===", flush=True)
     return _Running(run, [*args, *(["--resume"] if run.resumed else []), *overrides], env, out)
+
+
+def follow_sweep(run_dir: Path) -> None:
+    """In a run that a sweep started: stop it (last.pth intact) if the sweep is killed with a signal it cannot pass
+    on (SIGKILL, the OOM killer), its output from then on in console.log, rather than leave it training alone."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is not None and parent.isdigit():
+        signals.stop_with_parent(int(parent), run_dir / CONSOLE_FILE)
 
 
 def _ended(running: _Running, status: int) -> None:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import run
+from engine.checkpoint import load_checkpoint
 from engine import sweep as sweep_module
 from engine.sweep import SWEEP_FILE, device_slots, plan_sweep, run_sweep
 from tests.conftest import ROOT, tiny_options
+from tests.test_signals import alive, children, wait_for
 from utils.cli import run_main
 from utils.config import load_config
 from utils.errors import ConfigError
@@ -192,6 +194,22 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path):
     assert finished.returncode == 0 and "(2 finished before)" in finished.stdout
     assert state_of(folder) == state  # how the runs ran is kept
     assert "=== sweep run" not in finished.stdout and (folder / "summary.md").is_file()
+
+
+def test_a_run_stops_by_itself_when_its_sweep_is_killed(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    run_dir = tmp_path / "output" / "tiny" / "seed=0"
+    process = subprocess.Popen(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "last.pth").exists() or process.poll() is not None, "a first checkpoint", WAIT_S)
+    (child,) = children(process.pid)
+    process.kill()  # SIGKILL: the sweep cannot pass it on
+    process.communicate(timeout=WAIT_S)  # ends when the run no longer writes into the sweep's pipes
+    wait_for(lambda: not alive(child), "the run to stop", WAIT_S)
+    console = (run_dir / "console.log").read_text()
+    assert "has ended: stopping as on SIGTERM" in console and console.strip().endswith("terminated (SIGTERM)")
+    assert "Traceback" not in console
+    assert load_checkpoint(run_dir / "last.pth")["iter"] > 0
 
 
 FAKE_RUN = """

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
@@ -163,10 +164,29 @@ def worker_process_setup(parent: int) -> None:
     for signum in TERMINATING:  # a forked worker inherits the parent's handlers: SIGTERM from its pool just ends it
         if signal.getsignal(signum) != signal.SIG_IGN:  # ignored as its parent ignores it (nohup): so be it
             signal.signal(signum, signal.SIG_DFL)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_when_parent_ends, args=(parent, functools.partial(os._exit, 1)), daemon=True).start()
 
 
-def _exit_with_parent(parent: int) -> None:
+def stop_with_parent(parent: int, log: Path) -> None:
+    """A program started by ``parent`` (a sweep's run): once ``parent`` is gone, however it ended (SIGKILL, which it
+    cannot pass on), stop as on SIGTERM, with the output from then on appended to ``log``: ``parent`` held the other
+    end of its pipes, and a write into a pipe nobody reads fails."""
+    stop = functools.partial(_orphaned, parent, log)
+    threading.Thread(target=_when_parent_ends, args=(parent, stop), daemon=True).start()
+
+
+def _orphaned(parent: int, log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for target in (1, 2):  # what is still buffered goes there too
+        os.dup2(fd, target)
+    os.close(fd)
+    print(f"the process that started this one (pid {parent}) has ended: stopping as on SIGTERM", file=sys.stderr,
+          flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _when_parent_ends(parent: int, then: Callable[[], None]) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
-    os._exit(1)
+    then()
