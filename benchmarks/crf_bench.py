@@ -5,10 +5,11 @@ the torch backend (utils/lattice.py) in batches on the CPU and, when there is on
                                    [--photos DIR]
 
 Prints images per second for each, the ratios to the serial loop, whether the pool gives identical probabilities,
-and how many pixels' labels the torch backend shares with pydensecrf (exit status 1 if the pool differs or fewer
-than 99% agree). The pool's time includes starting its worker processes; the torch backend's times follow one
-warm-up batch. Images are random noise by default (the worst case for the lattice: every pixel's colour differs
-from its neighbours', so it has the most vertices), or the photos of --photos resized to the size.
+the torch backend's peak GPU memory, and how many pixels' labels the torch backend shares with pydensecrf (exit
+status 1 if the pool differs or fewer than 99% agree). The pool's time includes starting its worker processes; the
+torch backend's times follow one warm-up batch. Images are random noise by default (the worst case for the
+lattice: every pixel's colour differs from its neighbours', so it has the most vertices), or the photos of --photos
+resized to the size.
 """
 from __future__ import annotations
 
@@ -47,20 +48,23 @@ def make_inputs(n_images: int, size: int, n_classes: int,
 
 
 def torch_backend(inputs: list[tuple[np.ndarray, np.ndarray]], batch: int, device: torch.device
-                  ) -> tuple[float, list[np.ndarray]]:
-    """Seconds for all images (after one warm-up batch) and the probabilities, with the torch backend on device."""
+                  ) -> tuple[float, list[np.ndarray], Optional[int]]:
+    """Seconds for all images (after one warm-up batch), the probabilities, and on CUDA the peak of the memory
+    allocated meanwhile (bytes; the inputs of all batches included), with the torch backend on device."""
     batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
     as_tensors = [(torch.from_numpy(np.stack([im for im, _ in b])).to(device),
                    torch.from_numpy(np.stack([s for _, s in b])).to(device)) for b in batches]
     dense_crf_torch(*as_tensors[0])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    outputs = [dense_crf_torch(images, scores) for images, scores in as_tensors]
+    outputs = [dense_crf_torch(images, scores).cpu() for images, scores in as_tensors]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds, [p.cpu().numpy() for out in outputs for p in out]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, [p.numpy() for out in outputs for p in out], peak
 
 
 def main() -> int:
@@ -102,14 +106,17 @@ def main() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     agreement = 1.0
     for device in devices:
-        seconds, probs = torch_backend(inputs, args.batch, device)
+        seconds, probs, peak = torch_backend(inputs, args.batch, device)
         same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
         agreement = min(agreement, same)
         name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
         print(f"{name:<18s}: {args.images / seconds:6.3f} images/s ({seconds:.1f} s, batches of {args.batch}; "
               f"{serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: {100 * same:.2f}% of pixels, "
-              f"probabilities within {max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}")
+              f"probabilities within {max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}"
+              + (f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""))
         results[f"torch_{device.type}_images_per_s"] = args.images / seconds
+        if peak is not None:
+            results[f"torch_{device.type}_peak_bytes"] = peak
     results["label_agreement"] = agreement
     if args.json:
         print(json.dumps(results))

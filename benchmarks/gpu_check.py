@@ -9,7 +9,9 @@ Each step runs in a process of its own, with a time limit:
 3. the training-step benchmark at vit_small/8, batch 64, fp16: our PPAP loss against the straightforward one, and
    our step with ``deterministic: true`` against without (its cost);
 4. the loss benchmark at the official geometry (batch 64, 28 x 28 patches, 384 channels);
-5. the CRF benchmark (pydensecrf's serial loop and process pool, the torch backend on the CPU and on the GPU).
+5. the evaluation of the fp16 demo's last.pth with the torch CRF backend on the GPU: how much of its time the CRF
+   takes, and its metrics against pydensecrf's;
+6. the CRF benchmark (pydensecrf's serial loop and process pool, the torch backend on the CPU and on the GPU).
 It prints one Markdown table, ready for the README, and exits with status 1 if any step failed.
 """
 from __future__ import annotations
@@ -124,9 +126,24 @@ def describe_crf(output: str) -> str:
     torch_rates = ", ".join(f"torch on {kind} {r[f'torch_{kind}_images_per_s']:.2f} images/s "
                             f"({r[f'torch_{kind}_images_per_s'] / serial:.1f}x)"
                             for kind in ("cpu", "cuda") if f"torch_{kind}_images_per_s" in r)
+    peak = f"; peak GPU memory {r['torch_cuda_peak_bytes'] / 2**20:.0f} MiB" if "torch_cuda_peak_bytes" in r else ""
     return (f"pydensecrf serial {serial:.2f} images/s, pool of {r['workers']} {r['pool_images_per_s']:.2f} "
-            f"images/s (identical); {torch_rates}; labels as pydensecrf's on {100 * r['label_agreement']:.2f}% "
+            f"images/s (identical); {torch_rates}{peak}; labels as pydensecrf's on {100 * r['label_agreement']:.2f}% "
             f"of pixels")
+
+
+def describe_torch_crf_eval(demo_dir: Path, out_dir: Path) -> Callable[[str], str]:
+    def describe(_: str) -> str:
+        report = json.loads((out_dir / "eval_report.json").read_text())
+        seconds = report["seconds"]
+        if "crf" not in report:  # --quick
+            return f"{report['n_images']} images in {seconds['total']:.1f} s, without CRF"
+        pydensecrf = json.loads((demo_dir / "final_metrics.json").read_text())["last"]["crf"]
+        gap = max(abs(report["crf"][k] - pydensecrf[k]) for k in pydensecrf)
+        return (f"{report['n_images']} images in {seconds['total']:.1f} s, of which the CRF {seconds['crf']:.1f} s "
+                f"({100 * seconds['crf'] / seconds['total']:.0f}%); metrics after CRF within {gap:.2f} points of "
+                f"pydensecrf's")
+    return describe
 
 
 def device_name(device: str) -> str:
@@ -179,6 +196,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                             "2" if quick else "5", "--json",
                                             *(["--precision", "fp16"] if device == "cuda" else [])],
                              600, describe_ddp))
+        demo_dir = Path(tmp) / "output" / "demo_fp16"
+        rows.append(step("evaluation, torch CRF", "the fp16 demo's last.pth, eval.crf_backend=torch",
+                         [py, "eval.py", "--checkpoint", str(demo_dir / "last.pth"), "--debug", f"device={args.device}",
+                          "eval.crf_backend=torch", "--out", str(Path(tmp) / "eval_torch_crf"), *shrink],
+                         300, describe_torch_crf_eval(demo_dir, Path(tmp) / "eval_torch_crf")))
         images = "4" if quick else "16"
         rows.append(step("dense CRF", f"{images} images, 320 px, 27 classes",
                          [py, "benchmarks/crf_bench.py", "--images", images, "--json"], 300, describe_crf))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
@@ -90,6 +91,8 @@ class Evaluation:
     loss: float  # the cluster probe's loss, mean over the images (the original's validation loss averaged the batches)
     n_images: int
     examples: list[dict[str, np.ndarray]]  # the first images with their predictions, for visualisation
+    seconds: float = math.nan  # the whole evaluation, in this process
+    crf_seconds: float = 0.0  # of which on the CRF: refining here, or handing images to the pool and waiting for it
 
     def matching(self, class_names: Sequence[str]) -> dict[str, Any]:
         """The cluster probe's clusters matched to classes: ``{"classes": names, "no_crf": [class id of cluster k, or
@@ -117,6 +120,7 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
 
     With several processes, ``loader`` holds this process's share of the images, and the result (metrics, loss,
     number of images) is that of all of them; ``n_examples`` of process 0's first images are kept."""
+    start, crf_seconds = _clock(device), 0.0
     modules = (net, linear_probe, cluster_probe)
     was_training = [m.training for m in modules]
     for m in modules:
@@ -153,6 +157,7 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                 if crf:
                     crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1),
                                   "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1)}
+                crf_start = _clock(device) if crf else 0.0
                 if on_device:
                     for kind, scores in crf_inputs.items():
                         refined = dense_crf_torch(rgb, scores).argmax(1)
@@ -167,9 +172,13 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                         for kind in ("linear", "cluster"):  # cluster last: its result completes the image
                             pool.submit((index, kind), image, crf_inputs[kind][j])
                     _collect(pool.ready(), pending, with_crf, crf_results, n_examples, device, crf_bar)
+                if crf:
+                    crf_seconds += _clock(device) - crf_start
                 n_images += img.shape[0]
             if crf and not on_device:
+                wait_start = time.perf_counter()
                 _collect(pool.results(), pending, with_crf, crf_results, n_examples, device, crf_bar)
+                crf_seconds += time.perf_counter() - wait_start
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
@@ -183,7 +192,15 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
             example["linear + CRF"] = crf_results[(index, "linear")]
             example["cluster + CRF"] = _mapped(with_crf.cluster, crf_results[(index, "cluster")])
     return Evaluation(no_crf=no_crf, crf=with_crf, loss=loss_sum / n_images if n_images else math.nan,
-                      n_images=int(n_images), examples=examples)
+                      n_images=int(n_images), examples=examples, seconds=_clock(device) - start,
+                      crf_seconds=crf_seconds)
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds, once the device has done the work queued so far (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def segment_code(net: nn.Module, img: Tensor, tta: bool = False) -> Tensor:
@@ -240,6 +257,8 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
                               "per_class_iou": evaluation.no_crf.per_class_iou(class_names),
                               "checkpoint": checkpoint, "n_images": evaluation.n_images, "tta": tta,
                               "crf_backend": crf_backend if evaluation.crf is not None else None,
+                              "seconds": {"total": round(evaluation.seconds, 3),
+                                          "crf": round(evaluation.crf_seconds, 3)},
                               "matching": evaluation.matching(class_names)}
     if evaluation.crf is not None:
         report["per_class_iou_crf"] = evaluation.crf.per_class_iou(class_names)
@@ -302,7 +321,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
     loader = make_loader(val_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE,
                          sampler=world.share(len(val_set)))
     names, colors = class_names(cfg.dataset), color_map(cfg.dataset)
-    results, rows, files = {}, {}, []
+    results, rows, files, times = {}, {}, [], []
     for (name, (path, _)), modules in zip(checkpoints.items(), networks):
         net, linear, cluster = (fabric.to_device(m) for m in modules)
         ev = evaluate(net, linear, cluster, loader, fabric.device, precision, cfg.eval, n_classes, crf=cfg.eval.is_crf,
@@ -315,6 +334,8 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
                             tta=cfg.eval.tta, crf_backend=cfg.eval.crf_backend)
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
+        times.append(f"{path.name}: {ev.seconds:.1f} s" + (f", of which the dense CRF ({cfg.eval.crf_backend}) "
+                                                            f"{ev.crf_seconds:.1f} s" if ev.crf is not None else ""))
         section = f"eval/{name or path.stem}"
         tracker.log({f"{section}/{setting}/{k}": v for setting, values in results[name].items()
                      for k, v in values.items()}, step=step)
@@ -322,6 +343,9 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
     if world.is_main:
         print(f"{len(val_set)} images of {cfg.dataset.data_type} val, {cfg.dataset.data_path}")
         print(format_table(rows))
+        print("evaluation time: " + "; ".join(times) + (
+            " (the CRF pool's workers refine while the network runs: counted is the time spent handing them images "
+            "and waiting for them)" if cfg.eval.is_crf and cfg.eval.crf_backend == "pydensecrf" else ""))
     return Reports(metrics=results, files=files)
 
 

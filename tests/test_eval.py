@@ -66,6 +66,8 @@ def test_the_torch_crf_backend_gives_the_same_metrics_and_says_so(report, releas
     assert torch_report["no_crf"] == report["no_crf"]
     for metric in METRICS:  # the same refinement: the bound is 0.3 points on real data
         assert abs(torch_report["crf"][metric] - report["crf"][metric]) < 0.3, metric
+    for timed in (report, torch_report):  # how long the evaluation and its CRF took
+        assert 0 < timed["seconds"]["crf"] < timed["seconds"]["total"]
 
 
 def test_report_has_per_class_iou_by_class_name(report):
