@@ -44,7 +44,7 @@ from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, WeightsError
 from utils.files import to_json, write_text_atomically
 from utils.image import denormalize_batch
-from utils.lattice import dense_crf_torch
+from utils.lattice import dense_crf_torch_shared
 from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils import signals
 from utils.tracking import Tracker
@@ -158,9 +158,9 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
                     crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1),
                                   "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1)}
                 crf_start = _clock(device) if crf else 0.0
-                if on_device:
-                    for kind, scores in crf_inputs.items():
-                        refined = dense_crf_torch(rgb, scores).argmax(1)
+                if on_device:  # both probes' maps refined with one lattice per kernel
+                    for kind, probs in zip(crf_inputs, dense_crf_torch_shared(rgb, list(crf_inputs.values()))):
+                        refined = probs.argmax(1)
                         getattr(with_crf, kind).update(refined, label)
                         crf_results.update({(n_images + j, kind): _np(refined[j]) for j in range(shown)})
                     crf_bar.update(2 * img.shape[0])

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from utils.crf import _resize_bilinear, _softmax, dense_crf
-from utils.lattice import Permutohedral, dense_crf_torch, kernel_normalizer
+from utils.lattice import Permutohedral, dense_crf_torch, dense_crf_torch_shared, kernel_normalizer
 
 CAMVID_VAL = Path(__file__).resolve().parents[2] / "shared" / "camvid" / "imgs" / "val"
 PROTOCOL_SIDE, COCO_CLASSES, SCORE_STRIDE = 320, 27, 8  # evaluation at 320 px, 27 classes, scores at 1/8
@@ -98,6 +98,17 @@ def test_images_of_a_batch_are_refined_as_if_alone():
     batch = dense_crf_torch(images, scores)
     for i in range(2):
         torch.testing.assert_close(batch[i], dense_crf_torch(images[i:i + 1], scores[i:i + 1])[0], rtol=0, atol=1e-6)
+
+
+def test_score_maps_of_the_same_images_share_their_lattices_and_are_refined_as_if_alone():
+    image, linear = camvid_inputs(3, 48, 6, 8)
+    _, cluster = camvid_inputs(3, 48, 4, 8, seed=7)  # the cluster probe's map: other classes, other scores
+    images = torch.from_numpy(image.copy())[None]
+    maps = [torch.from_numpy(linear)[None], torch.from_numpy(cluster)[None]]
+    shared = dense_crf_torch_shared(images, maps)
+    assert [tuple(p.shape) for p in shared] == [(1, 6, 48, 48), (1, 4, 48, 48)]
+    for probs, scores in zip(shared, maps):
+        assert torch.equal(probs, dense_crf_torch(images, scores))
 
 
 def test_the_torch_backend_runs_on_the_device(device):

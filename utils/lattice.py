@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -185,28 +185,48 @@ def dense_crf_torch(images: Tensor, scores: Tensor) -> Tensor:
     unary = -log(max(p, 1e-5)), a Gaussian kernel on (x, y) / 1 with weight 3 and a bilateral kernel on
     (x, y) / 67 and the colours / 3 in BGR order (as STEGO passes the image) with weight 4, 10 mean-field
     iterations."""
-    from utils.crf import (CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD, CRF_MAX_ITER, CRF_POS_W, CRF_POS_XY_STD,
-                           UNARY_CLIP)
+    return dense_crf_torch_shared(images, [scores])[0]
+
+
+def dense_crf_torch_shared(images: Tensor, scores: Sequence[Tensor]) -> list[Tensor]:
+    """``dense_crf_torch`` of several score maps of the same images (the linear and the cluster probe's), the
+    lattices of the images built once for all of them."""
+    from utils.crf import CRF_MAX_ITER, UNARY_CLIP
 
     if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images must be a B x H x W x 3 uint8 tensor, got {tuple(images.shape)} {images.dtype}")
-    if scores.dim() != 4 or len(scores) != len(images) or not scores.is_floating_point():
-        raise ValueError(f"scores must be a B x C x h x w float tensor for {len(images)} images, got "
-                         f"{tuple(scores.shape)} {scores.dtype}")
+    for s in scores:
+        if s.dim() != 4 or len(s) != len(images) or not s.is_floating_point():
+            raise ValueError(f"scores must be a B x C x h x w float tensor for {len(images)} images, got "
+                             f"{tuple(s.shape)} {s.dtype}")
     b, height, width, _ = images.shape
-    c = scores.shape[1]
+    kernels = _crf_kernels(images)
+    refined = []
+    for s in scores:
+        c = s.shape[1]
+        s = s.float()
+        if s.shape[-2:] != (height, width):
+            s = torch.nn.functional.interpolate(s, (height, width), mode="bilinear", align_corners=False)
+        probs = torch.softmax(s, dim=1).clamp(UNARY_CLIP, 1.0)
+        unary = (-torch.log(probs)).permute(0, 2, 3, 1).reshape(-1, c)  # pixels of image 0 row by row, then 1...
+        q = mean_field(unary, kernels, CRF_MAX_ITER)
+        refined.append(q.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous())
+    return refined
+
+
+def _crf_kernels(images: Tensor) -> list[tuple[Permutohedral, Tensor, float]]:
+    """(lattice, normaliser, weight) of the Gaussian kernel, then the bilateral one, in the order dense_crf adds
+    them, for a batch of B x H x W x 3 uint8 RGB images."""
+    from utils.crf import CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD, CRF_POS_W, CRF_POS_XY_STD
+
+    b, height, width, _ = images.shape
     device = images.device
-    scores = scores.float()
-    if scores.shape[-2:] != (height, width):
-        scores = torch.nn.functional.interpolate(scores, (height, width), mode="bilinear", align_corners=False)
-    probs = torch.softmax(scores, dim=1).clamp(UNARY_CLIP, 1.0)
-    unary = (-torch.log(probs)).permute(0, 2, 3, 1).reshape(-1, c)  # pixels of image 0 row by row, then image 1...
     rows, cols = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
                                 torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
     x, y = cols.reshape(-1).repeat(b), rows.reshape(-1).repeat(b)
     bgr = images.flip(-1).reshape(-1, 3).float()
     groups = torch.arange(b, device=device).repeat_interleave(height * width)
-    features = [  # the Gaussian kernel first, then the bilateral one, in the order dense_crf adds them
+    features = [
         (CRF_POS_W, torch.stack([x / float(CRF_POS_XY_STD), y / float(CRF_POS_XY_STD)], 1)),
         (CRF_BI_W, torch.stack([x / float(CRF_BI_XY_STD), y / float(CRF_BI_XY_STD),
                                 *(bgr[:, k] / float(CRF_BI_RGB_STD) for k in range(3))], 1)),
@@ -215,5 +235,4 @@ def dense_crf_torch(images: Tensor, scores: Tensor) -> Tensor:
     for weight, feature in features:
         lattice = Permutohedral(feature, groups)
         kernels.append((lattice, kernel_normalizer(lattice, len(feature), device), float(weight)))
-    q = mean_field(unary, kernels, CRF_MAX_ITER)
-    return q.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous()
+    return kernels
