@@ -80,7 +80,7 @@ class Permutohedral:
             bary[rows, d - rank_long[:, i]] += value[:, i]
             bary[rows, d - rank_long[:, i] + 1] -= value[:, i]
         bary[:, 0] += 1.0 + bary[:, d + 1]
-        self.weights = bary[:, : d + 1].contiguous()  # N x (d+1)
+        weights = bary[:, : d + 1].contiguous()  # N x (d+1)
         # the d+1 vertices: key[i] = rem0[i] + canonical[remainder][rank[i]], for the first d coordinates, after
         # the pixel's image index
         remainder = torch.arange(d + 1, device=device)
@@ -95,17 +95,17 @@ class Permutohedral:
                              "deviations")
         self._strides = torch.tensor([math.prod(span.tolist()[i + 1:]) for i in range(d + 1)], device=device)
         self.vertices, offsets = torch.unique(self._code(keys).reshape(-1), sorted=True, return_inverse=True)
-        self.offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
+        offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
         self.m = len(self.vertices)
         # splat, blur and slice as sparse matrices (CSR): one sparse-dense product per step, on any device
-        self.alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
+        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
         pixels = torch.arange(n, device=device)
-        order = torch.sort(self.offsets.reshape(-1), stable=True).indices  # by vertex; pixels ascending within one
-        self._splat = _csr(self.offsets.reshape(-1)[order], torch.div(order, d + 1, rounding_mode="floor"),
-                           self.weights.reshape(-1)[order], (self.m, n))
-        columns, order = torch.sort(self.offsets, dim=1)  # a pixel's d+1 vertices, in column order
+        order = torch.sort(offsets.reshape(-1), stable=True).indices  # by vertex; pixels ascending within one
+        self._splat = _csr(offsets.reshape(-1)[order], torch.div(order, d + 1, rounding_mode="floor"),
+                           weights.reshape(-1)[order], (self.m, n))
+        columns, order = torch.sort(offsets, dim=1)  # a pixel's d+1 vertices, in column order
         self._slice = _csr(pixels.repeat_interleave(d + 1), columns.reshape(-1),
-                           (torch.gather(self.weights, 1, order) * self.alpha).reshape(-1), (n, self.m))
+                           (torch.gather(weights, 1, order) * alpha).reshape(-1), (n, self.m))
         vertex_keys = self._key(self.vertices)
         vertices = torch.arange(self.m, device=device)
         self._blurs = []  # along each lattice axis: new = old + (left + right) / 2, a missing neighbour counting 0
