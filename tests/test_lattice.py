@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from utils.crf import _resize_bilinear, _softmax, dense_crf
-from utils.lattice import Permutohedral, dense_crf_torch, dense_crf_torch_shared, kernel_normalizer
+from utils.lattice import (Buffers, Kernel, Permutohedral, _crf_kernels, dense_crf_torch, dense_crf_torch_shared,
+                           kernel_normalizer)
 
 CAMVID_VAL = Path(__file__).resolve().parents[2] / "shared" / "camvid" / "imgs" / "val"
 PROTOCOL_SIDE, COCO_CLASSES, SCORE_STRIDE = 320, 27, 8  # evaluation at 320 px, 27 classes, scores at 1/8
@@ -109,6 +110,40 @@ def test_score_maps_of_the_same_images_share_their_lattices_and_are_refined_as_i
     assert [tuple(p.shape) for p in shared] == [(1, 6, 48, 48), (1, 4, 48, 48)]
     for probs, scores in zip(shared, maps):
         assert torch.equal(probs, dense_crf_torch(images, scores))
+
+
+def test_maps_of_as_many_classes_are_refined_together_as_if_alone():
+    image, linear = camvid_inputs(4, 40, 5, 8)
+    _, cluster = camvid_inputs(4, 40, 5, 8, seed=3)  # the evaluation's case: both probes have n_classes
+    images = torch.from_numpy(image.copy())[None].expand(2, -1, -1, -1)
+    maps = [torch.from_numpy(linear)[None].expand(2, -1, -1, -1), torch.from_numpy(cluster)[None].repeat(2, 1, 1, 1)]
+    maps[1][1] = -maps[1][1]  # a second image whose maps differ
+    for probs, scores in zip(dense_crf_torch_shared(images, maps), maps):
+        assert torch.equal(probs, dense_crf_torch(images, scores))
+
+
+def test_one_image_s_position_kernel_filters_a_batch_as_a_lattice_over_the_batch_would():
+    images = torch.zeros(3, 24, 20, 3, dtype=torch.uint8)
+    position = _crf_kernels(images)[0]
+    assert position.per_image and len(position.norm) == 24 * 20
+    rows, cols = torch.meshgrid(torch.arange(24.0), torch.arange(20.0), indexing="ij")
+    xy = torch.stack([cols.reshape(-1), rows.reshape(-1)], 1).repeat(3, 1)
+    batch = Permutohedral(xy, torch.arange(3).repeat_interleave(24 * 20))
+    whole = Kernel(batch, kernel_normalizer(batch, len(xy), torch.device("cpu")), position.weight)
+    q = torch.rand(3, 24 * 20, 4)
+    assert torch.equal(position.message(q, Buffers(q.device)), whole.message(q, Buffers(q.device)))
+    assert _crf_kernels(images)[0] is position  # built once per image size and device
+
+
+def test_a_filter_s_result_does_not_depend_on_what_its_buffers_held():
+    lattice = Permutohedral(torch.rand(300, 5) * 3)
+    values = torch.rand(300, 6)
+    buffers = Buffers(values.device)
+    fresh = lattice.filter(values, buffers=buffers).clone()
+    for role, shape in (("vertices", (lattice.m, 6)), ("vertices, spare", (lattice.m, 6)), ("pixels", (300, 6))):
+        buffers(role, *shape).fill_(float("nan"))
+    assert torch.equal(lattice.filter(values, buffers=buffers), fresh)
+    assert torch.equal(lattice.filter(values), fresh)
 
 
 def test_the_torch_backend_runs_on_the_device(device):

@@ -17,20 +17,27 @@ filter's sums run in another order than pydensecrf's loops: probabilities within
 - kernel: symmetric normalisation, K(Q) = n * lattice(n * Q) with n = 1 / sqrt(lattice(1) + 1e-20);
 - mean field: Q = softmax(-unary); 10 times Q = softmax(-unary + sum_k w_k K_k(Q)) (Potts compatibility).
 
-Images of a batch share one lattice whose keys carry the image's index, so that no vertex and no blur step crosses
-from one image to another.
+Images of a batch share one bilateral lattice whose keys carry the image's index, so that no vertex and no blur step
+crosses from one image to another. The Gaussian kernel's lattice depends only on the pixels' positions: one image's
+is built once per image size and device (and kept) and filters all images of a batch at once, as the columns of one
+matrix. Several score maps of the same images (the evaluation's two probes) run through one mean field side by side,
+each normalised on its own: a filter then is one product with all their columns, and every column's result is the
+same as alone.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 KEY_LIMIT = 2**62  # the keys of a lattice are packed into one int64 each
+INT32_LIMIT = 2**31  # sparse matrices whose sizes stay below it get int32 indices: half the index reads
+POSITION_LATTICES = 4  # Gaussian-kernel lattices kept, one per image size and device
 
 
 class Permutohedral:
@@ -141,18 +148,47 @@ class Permutohedral:
         found = self.vertices[index] == codes
         return torch.where(found, index, torch.full_like(index, self.m))
 
-    def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
-        """Splat, blur and slice N x C float32 values (pydensecrf's ``Permutohedral::compute``)."""
-        lattice = self._splat @ values
+    def filter(self, values: Tensor, reverse: bool = False, buffers: Optional[Buffers] = None) -> Tensor:
+        """Splat, blur and slice N x C float32 values (pydensecrf's ``Permutohedral::compute``). The result is held
+        by ``buffers`` (the next filter of the same shape overwrites it) when they are given."""
+        buffers = buffers if buffers is not None else Buffers(values.device)
+        n, c = values.shape
+        lattice, spare = buffers("vertices", self.m, c), buffers("vertices, spare", self.m, c)
+        _product(self._splat, values, lattice)
         for blur in (reversed(self._blurs) if reverse else self._blurs):
-            lattice = blur @ lattice
-        return self._slice @ lattice
+            lattice, spare = _product(blur, lattice, spare), lattice
+        return _product(self._slice, lattice, buffers("pixels", n, c))
+
+
+class Buffers:
+    """Tensors reused by the filters of one mean field, one per role and shape: on the CPU a fresh large tensor
+    costs a page fault per 4 KiB when first written, and allocating every product's result took most of a filter's
+    time there (8x, measured)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._held: dict[tuple, Tensor] = {}
+
+    def __call__(self, role: str, *shape: int) -> Tensor:
+        key = (role, shape)
+        if key not in self._held:
+            self._held[key] = torch.empty(shape, device=self.device)
+        return self._held[key]
+
+
+def _product(sparse: Tensor, dense: Tensor, out: Tensor) -> Tensor:
+    """sparse @ dense, written into out: addmm with beta 0 ignores out's old values and writes the product there,
+    where mm(out=...) would first allocate and zero a temporary of out's size."""
+    return torch.addmm(out, sparse, dense, beta=0, out=out)
 
 
 def _csr(rows: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """The sparse CSR matrix of the entries (rows sorted, the columns of a row sorted, no entry twice)."""
+    """The sparse CSR matrix of the entries (rows sorted, the columns of a row sorted, no entry twice); int32
+    indices where they fit, the index type cuSPARSE supports best."""
     counts = torch.bincount(rows, minlength=size[0])
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    if max(*size, len(values)) < INT32_LIMIT:
+        crow, columns = crow.int(), columns.int()
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, columns, values.float().contiguous(), size, check_invariants=False)
@@ -164,16 +200,46 @@ def kernel_normalizer(lattice: Permutohedral, n: int, device: torch.device) -> T
     return (1.0 / torch.sqrt(lattice.filter(ones).double() + 1e-20)).float()
 
 
-def mean_field(unary: Tensor, kernels: list[tuple[Permutohedral, Tensor, float]], iterations: int) -> Tensor:
-    """N x C probabilities after ``iterations`` mean-field steps from the N x C ``unary`` energies, with Potts
-    pairwise terms: ``kernels`` holds (lattice, normaliser, weight) for each kernel, in the order they were added."""
-    q = torch.softmax(-unary, dim=1)
+class Kernel(NamedTuple):
+    """A Gaussian kernel of the CRF, symmetrically normalised: K(Q) = norm * lattice(norm * Q), times ``weight``
+    (the Potts compatibility). Its lattice spans the pixels of all images of a batch, or, with ``per_image``, those
+    of one image, and then serves each image of the batch alike (a kernel on positions only)."""
+    lattice: Permutohedral
+    norm: Tensor  # (pixels of the lattice) x 1
+    weight: float
+    per_image: bool = False
+
+    def message(self, q: Tensor, buffers: Buffers) -> Tensor:
+        """K(Q) of B x P x C values (P pixels of each of B images), held by ``buffers``."""
+        b, p, c = q.shape
+        if self.per_image:  # the images side by side as the columns of one P x (B C) matrix
+            norm = self.norm.view(p, 1, 1)
+            values = torch.mul(q.transpose(0, 1), norm, out=buffers("values", p, b, c))
+            return self.lattice.filter(values.view(p, b * c), buffers=buffers).view(p, b, c).mul_(norm).transpose(0, 1)
+        norm = self.norm.view(b, p, 1)
+        values = torch.mul(q, norm, out=buffers("values", b, p, c))
+        return self.lattice.filter(values.view(b * p, c), buffers=buffers).view(b, p, c).mul_(norm)
+
+
+def mean_field(unary: Tensor, kernels: Sequence[Kernel], iterations: int,
+               classes: Optional[Sequence[int]] = None) -> Tensor:
+    """B x P x C probabilities after ``iterations`` mean-field steps from the B x P x C ``unary`` energies, with Potts
+    pairwise terms, ``kernels`` in the order they were added. ``classes``: the unary holds several maps side by side
+    in its last dimension, with these numbers of classes, each normalised on its own (default: one map)."""
+    sizes = list(classes) if classes is not None else [unary.shape[-1]]
+
+    def normalised(energy: Tensor) -> Tensor:
+        if len(set(sizes)) == 1:  # maps of as many classes (the two probes'): one softmax over the last of k x C
+            return torch.softmax(energy.view(*energy.shape[:-1], len(sizes), sizes[0]), dim=-1).view(energy.shape)
+        return torch.cat([torch.softmax(e.contiguous(), dim=-1) for e in energy.split(sizes, dim=-1)], dim=-1)
+
+    buffers = Buffers(unary.device)
+    q, energy = normalised(-unary), torch.empty_like(unary)
     for _ in range(iterations):
-        energy = -unary
-        for lattice, norm, weight in kernels:
-            message = lattice.filter(q * norm) * norm
-            energy = energy - (-weight) * message
-        q = torch.softmax(energy, dim=1)
+        torch.neg(unary, out=energy)
+        for kernel in kernels:  # energy - (-weight) * message: pydensecrf adds the negated Potts messages
+            energy.sub_(kernel.message(q, buffers).mul_(-kernel.weight))
+        q = normalised(energy)
     return q
 
 
@@ -189,8 +255,9 @@ def dense_crf_torch(images: Tensor, scores: Tensor) -> Tensor:
 
 
 def dense_crf_torch_shared(images: Tensor, scores: Sequence[Tensor]) -> list[Tensor]:
-    """``dense_crf_torch`` of several score maps of the same images (the linear and the cluster probe's), the
-    lattices of the images built once for all of them."""
+    """``dense_crf_torch`` of several score maps of the same images (the linear and the cluster probe's), refined
+    together: the lattices built once, one filter for the columns of all maps; each map's result is the same as
+    alone."""
     from utils.crf import CRF_MAX_ITER, UNARY_CLIP
 
     if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
@@ -200,39 +267,50 @@ def dense_crf_torch_shared(images: Tensor, scores: Sequence[Tensor]) -> list[Ten
             raise ValueError(f"scores must be a B x C x h x w float tensor for {len(images)} images, got "
                              f"{tuple(s.shape)} {s.dtype}")
     b, height, width, _ = images.shape
-    kernels = _crf_kernels(images)
-    refined = []
+    unaries = []
     for s in scores:
-        c = s.shape[1]
         s = s.float()
         if s.shape[-2:] != (height, width):
             s = torch.nn.functional.interpolate(s, (height, width), mode="bilinear", align_corners=False)
         probs = torch.softmax(s, dim=1).clamp(UNARY_CLIP, 1.0)
-        unary = (-torch.log(probs)).permute(0, 2, 3, 1).reshape(-1, c)  # pixels of image 0 row by row, then 1...
-        q = mean_field(unary, kernels, CRF_MAX_ITER)
-        refined.append(q.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous())
-    return refined
+        unaries.append((-torch.log(probs)).permute(0, 2, 3, 1).reshape(b, height * width, -1))  # pixels row by row
+    classes = [u.shape[-1] for u in unaries]
+    q = mean_field(torch.cat(unaries, dim=-1) if len(unaries) > 1 else unaries[0], _crf_kernels(images),
+                   CRF_MAX_ITER, classes)
+    return [part.reshape(b, height, width, -1).permute(0, 3, 1, 2).contiguous() for part in q.split(classes, dim=-1)]
 
 
-def _crf_kernels(images: Tensor) -> list[tuple[Permutohedral, Tensor, float]]:
-    """(lattice, normaliser, weight) of the Gaussian kernel, then the bilateral one, in the order dense_crf adds
-    them, for a batch of B x H x W x 3 uint8 RGB images."""
-    from utils.crf import CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD, CRF_POS_W, CRF_POS_XY_STD
+def _crf_kernels(images: Tensor) -> list[Kernel]:
+    """The Gaussian kernel, then the bilateral one, in the order dense_crf adds them, for a batch of B x H x W x 3
+    uint8 RGB images."""
+    from utils.crf import CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD
 
     b, height, width, _ = images.shape
     device = images.device
-    rows, cols = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
-                                torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
-    x, y = cols.reshape(-1).repeat(b), rows.reshape(-1).repeat(b)
+    x, y = _positions(height, width, device)
+    x, y = x.repeat(b), y.repeat(b)
     bgr = images.flip(-1).reshape(-1, 3).float()
     groups = torch.arange(b, device=device).repeat_interleave(height * width)
-    features = [
-        (CRF_POS_W, torch.stack([x / float(CRF_POS_XY_STD), y / float(CRF_POS_XY_STD)], 1)),
-        (CRF_BI_W, torch.stack([x / float(CRF_BI_XY_STD), y / float(CRF_BI_XY_STD),
-                                *(bgr[:, k] / float(CRF_BI_RGB_STD) for k in range(3))], 1)),
-    ]
-    kernels = []
-    for weight, feature in features:
-        lattice = Permutohedral(feature, groups)
-        kernels.append((lattice, kernel_normalizer(lattice, len(feature), device), float(weight)))
-    return kernels
+    features = torch.stack([x / float(CRF_BI_XY_STD), y / float(CRF_BI_XY_STD),
+                            *(bgr[:, k] / float(CRF_BI_RGB_STD) for k in range(3))], 1)
+    bilateral = Permutohedral(features, groups)
+    return [_position_kernel(height, width, device),
+            Kernel(bilateral, kernel_normalizer(bilateral, len(features), device), float(CRF_BI_W))]
+
+
+def _positions(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The x and y of an image's pixels, row by row, as float32."""
+    rows, cols = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                                torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
+    return cols.reshape(-1), rows.reshape(-1)
+
+
+@functools.lru_cache(maxsize=POSITION_LATTICES)
+def _position_kernel(height: int, width: int, device: torch.device) -> Kernel:
+    """The Gaussian kernel on (x, y) / sxy of one height x width image, for every image of that size: its lattice
+    does not depend on the image's content."""
+    from utils.crf import CRF_POS_W, CRF_POS_XY_STD
+
+    x, y = _positions(height, width, device)
+    lattice = Permutohedral(torch.stack([x / float(CRF_POS_XY_STD), y / float(CRF_POS_XY_STD)], 1))
+    return Kernel(lattice, kernel_normalizer(lattice, height * width, device), float(CRF_POS_W), per_image=True)
