@@ -5,11 +5,12 @@ the torch backend (utils/lattice.py) in batches on the CPU and, when there is on
                                    [--photos DIR]
 
 Prints images per second for each, the ratios to the serial loop, whether the pool gives identical probabilities,
-the torch backend's peak GPU memory, and how many pixels' labels the torch backend shares with pydensecrf (exit
-status 1 if the pool differs or fewer than 99% agree). The pool's time includes starting its worker processes; the
-torch backend's times follow one warm-up batch. Images are random noise by default (the worst case for the
-lattice: every pixel's colour differs from its neighbours', so it has the most vertices), or the photos of --photos
-resized to the size.
+the torch backend's peak GPU memory, its rate with two maps per image refined together (the evaluation refines
+the linear and the cluster probe's maps of a batch so), and how many pixels' labels the torch backend shares with
+pydensecrf (exit status 1 if the pool differs or fewer than 99% agree). The pool's time includes starting its
+worker processes; the torch backend's times follow one warm-up batch. Images are random noise by default (the
+worst case for the lattice: every pixel's colour differs from its neighbours', so it has the most vertices), or the
+photos of --photos resized to the size.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils.crf import CRFPool, dense_crf, resolve_workers  # noqa: E402
-from utils.lattice import dense_crf_torch  # noqa: E402
+from utils.lattice import dense_crf_torch_shared  # noqa: E402
 
 SEED = 0
 IMAGE_SIZE = 320  # the evaluation resolution of the STEGO / PPAP configs
@@ -47,24 +48,36 @@ def make_inputs(n_images: int, size: int, n_classes: int,
     return [(image, rng.normal(size=(n_classes, size, size)).astype(np.float32)) for image in images]
 
 
-def torch_backend(inputs: list[tuple[np.ndarray, np.ndarray]], batch: int, device: torch.device
+def torch_backend(inputs: list[tuple[np.ndarray, np.ndarray]], batch: int, device: torch.device, maps: int = 1
                   ) -> tuple[float, list[np.ndarray], Optional[int]]:
-    """Seconds for all images (after one warm-up batch), the probabilities, and on CUDA the peak of the memory
-    allocated meanwhile (bytes; the inputs of all batches included), with the torch backend on device."""
+    """Seconds for all images (after one warm-up batch), the probabilities of the first map, and on CUDA the peak
+    of the memory allocated while a batch was refined (bytes; the inputs of all batches included), with the torch
+    backend on device. With ``maps`` 2, each batch's scores are refined together with a second map (the scores'
+    classes in reverse order), as the evaluation refines the linear and the cluster probe's maps. The timer covers
+    the refinement of each batch, not the copy of its result to the host (the evaluation takes the labels on the
+    device)."""
     batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
     as_tensors = [(torch.from_numpy(np.stack([im for im, _ in b])).to(device),
                    torch.from_numpy(np.stack([s for _, s in b])).to(device)) for b in batches]
-    dense_crf_torch(*as_tensors[0])  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    outputs = [dense_crf_torch(images, scores).cpu() for images, scores in as_tensors]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return seconds, [p.numpy() for out in outputs for p in out], peak
+
+    def refine(images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return dense_crf_torch_shared(images, [scores, scores.flip(1)][:maps])[0]
+
+    refine(*as_tensors[0])  # warm-up
+    seconds, outputs, peak = 0.0, [], 0
+    for images, scores in as_tensors:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        probs = refine(images, scores)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = max(peak, torch.cuda.max_memory_allocated(device))
+        seconds += time.perf_counter() - start
+        outputs.append(probs.cpu())
+        del probs
+    return seconds, [p.numpy() for out in outputs for p in out], peak if device.type == "cuda" else None
 
 
 def main() -> int:
@@ -106,17 +119,26 @@ def main() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     agreement = 1.0
     for device in devices:
-        seconds, probs, peak = torch_backend(inputs, args.batch, device)
-        same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
-        agreement = min(agreement, same)
-        name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
-        print(f"{name:<18s}: {args.images / seconds:6.3f} images/s ({seconds:.1f} s, batches of {args.batch}; "
-              f"{serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: {100 * same:.2f}% of pixels, "
-              f"probabilities within {max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}"
-              + (f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""))
-        results[f"torch_{device.type}_images_per_s"] = args.images / seconds
-        if peak is not None:
-            results[f"torch_{device.type}_peak_bytes"] = peak
+        for maps in (1, 2):
+            seconds, probs, peak = torch_backend(inputs, args.batch, device, maps)
+            name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+            rate = f"{args.images / seconds:6.3f} images/s ({seconds:.1f} s, batches of {args.batch}"
+            memory = f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""
+            if maps == 2:
+                print(f"{'  two maps':<18s}: {rate}, two maps per image refined together, as the evaluation does; "
+                      f"{2 * serial_s / seconds:.2f}x the serial loop's time for two maps){memory}")
+                results[f"torch_{device.type}_two_maps_images_per_s"] = args.images / seconds
+                if peak is not None:
+                    results[f"torch_{device.type}_two_maps_peak_bytes"] = peak
+                continue
+            same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
+            agreement = min(agreement, same)
+            print(f"{name:<18s}: {rate}; {serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: "
+                  f"{100 * same:.2f}% of pixels, probabilities within "
+                  f"{max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}{memory}")
+            results[f"torch_{device.type}_images_per_s"] = args.images / seconds
+            if peak is not None:
+                results[f"torch_{device.type}_peak_bytes"] = peak
     results["label_agreement"] = agreement
     if args.json:
         print(json.dumps(results))

@@ -124,9 +124,12 @@ def describe_crf(output: str) -> str:
         raise ValueError("the pool's results differ from the serial loop's")
     serial = r["serial_images_per_s"]
     torch_rates = ", ".join(f"torch on {kind} {r[f'torch_{kind}_images_per_s']:.2f} images/s "
-                            f"({r[f'torch_{kind}_images_per_s'] / serial:.1f}x)"
+                            f"({r[f'torch_{kind}_images_per_s'] / serial:.1f}x; two maps per image "
+                            f"{r[f'torch_{kind}_two_maps_images_per_s']:.2f} images/s, "
+                            f"{2 * r[f'torch_{kind}_two_maps_images_per_s'] / serial:.1f}x)"
                             for kind in ("cpu", "cuda") if f"torch_{kind}_images_per_s" in r)
-    peak = f"; peak GPU memory {r['torch_cuda_peak_bytes'] / 2**20:.0f} MiB" if "torch_cuda_peak_bytes" in r else ""
+    peak = (f"; peak GPU memory {r['torch_cuda_peak_bytes'] / 2**20:.0f} MiB (two maps "
+            f"{r['torch_cuda_two_maps_peak_bytes'] / 2**20:.0f} MiB)" if "torch_cuda_peak_bytes" in r else "")
     return (f"pydensecrf serial {serial:.2f} images/s, pool of {r['workers']} {r['pool_images_per_s']:.2f} "
             f"images/s (identical); {torch_rates}{peak}; labels as pydensecrf's on {100 * r['label_agreement']:.2f}% "
             f"of pixels")
