@@ -37,6 +37,7 @@ from torch import Tensor
 
 KEY_LIMIT = 2**62  # the keys of a lattice are packed into one int64 each
 INT32_LIMIT = 2**31  # sparse matrices whose sizes stay below it get int32 indices: half the index reads
+BLUR_WEIGHTS = torch.tensor([0.5, 1.0, 0.5])  # of a vertex's two neighbours along an axis and of itself
 POSITION_LATTICES = 4  # Gaussian-kernel lattices kept, one per image size and device
 
 
@@ -67,83 +68,78 @@ class Permutohedral:
         offsum = torch.zeros(n, device=device)
         for i in range(d + 1):
             offsum = offsum + rounded[:, i]
-        # the simplex: the rank of each coordinate's distance to it
-        diff = elevated - rem0
-        rank = torch.zeros(n, d + 1, device=device)
-        for i in range(d):
-            for j in range(i + 1, d + 1):
-                below = (diff[:, i] < diff[:, j]).float()
-                rank[:, i] += below
-                rank[:, j] += 1.0 - below
-        rank = rank + offsum[:, None]
-        shift = (rank < 0).float() * (d + 1) - (rank >= d + 1).float() * (d + 1)
+        # the simplex: the rank of each coordinate's distance to it, compared pair by pair as pydensecrf compares
+        # them (for x < y, rank[x] + 1 if diff[x] < diff[y], else rank[y] + 1)
+        diff = (elevated - rem0).T.contiguous()  # (d+1) x N
+        rank = torch.zeros(d + 1, n, dtype=torch.long, device=device)
+        for x in range(d):
+            below = diff[x + 1:] > diff[x]  # y after x: diff[x] < diff[y]
+            rank[x] += below.sum(0)
+            rank[x + 1:] += ~below
+        rank = rank.T
+        rank = rank + offsum[:, None].long()
+        shift = (rank < 0).long() * (d + 1) - (rank >= d + 1).long() * (d + 1)
         rank, rem0 = rank + shift, rem0 + shift
-        # barycentric weights, accumulated in the order pydensecrf accumulates them
-        bary = torch.zeros(n, d + 2, device=device)
+        # barycentric weights: slot d - rank[i] gets +value[i], the next one -value[i] (each slot one of each, so
+        # the order pydensecrf adds them in does not matter)
         value = (elevated - rem0) * down
-        rows = torch.arange(n, device=device)
-        rank_long = rank.long()
-        for i in range(d + 1):
-            bary[rows, d - rank_long[:, i]] += value[:, i]
-            bary[rows, d - rank_long[:, i] + 1] -= value[:, i]
+        bary = torch.zeros(n, d + 2, device=device)
+        bary.scatter_add_(1, d - rank, value)
+        bary.scatter_add_(1, d - rank + 1, -value)
         bary[:, 0] += 1.0 + bary[:, d + 1]
         weights = bary[:, : d + 1].contiguous()  # N x (d+1)
-        # the d+1 vertices: key[i] = rem0[i] + canonical[remainder][rank[i]], for the first d coordinates, after
-        # the pixel's image index
-        remainder = torch.arange(d + 1, device=device)
-        over = rank_long[:, None, :d] > (d - remainder)[None, :, None]  # N x (d+1) x d
-        keys = rem0.long()[:, None, :d] + remainder[None, :, None] - (d + 1) * over.long()
-        group = (groups if groups is not None else torch.zeros(n, dtype=torch.long, device=device))
-        keys = torch.cat([group[:, None, None].expand(n, d + 1, 1), keys], dim=2)  # N x (d+1) x (1+d)
-        self._low = keys.amin(dim=(0, 1)) - (d + 1)  # the neighbours' keys fit in the packing too
-        span = keys.amax(dim=(0, 1)) + (d + 1) - self._low + 1
-        if math.prod(span.tolist()) >= KEY_LIMIT:
+        # the d+1 vertices of a pixel, packed into one int64 each: the digits (image index, then the first d
+        # coordinates of key[r] = rem0 + r - (d+1) [rank > d - r]) in mixed radix, each digit offset by its lowest
+        # value; a key's coordinates lie within d+1 of rem0's and its blur neighbours' within 2(d+1)
+        group = groups if groups is not None else torch.zeros(n, dtype=torch.long, device=device)
+        digits = torch.cat([group[:, None], rem0.long()[:, :d]], dim=1)  # N x (1+d)
+        margin = torch.full((d + 1,), 2 * (d + 1), device=device)
+        margin[0] = 0
+        low, high = digits.amin(0) - margin, digits.amax(0) + margin
+        span = (high - low + 1).tolist()
+        if math.prod(span) * 2 * (d + 1) >= KEY_LIMIT:  # the codes, and the sums that make them, fit
             raise ValueError("the lattice's keys do not fit in 64 bits: features too large for their standard "
                              "deviations")
-        self._strides = torch.tensor([math.prod(span.tolist()[i + 1:]) for i in range(d + 1)], device=device)
-        self.vertices, offsets = torch.unique(self._code(keys).reshape(-1), sorted=True, return_inverse=True)
-        offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
+        strides = [math.prod(span[i + 1:]) for i in range(d + 1)]
+        stride = torch.tensor(strides, device=device)
+        # code of key[r] = code of (group, rem0) + r * sum(strides of the coordinates) - (d+1) * the strides of the
+        # coordinates whose rank exceeds d - r: of the r highest ranks
+        by_rank = torch.zeros(n, d + 1, dtype=torch.long, device=device)
+        by_rank.scatter_(1, rank, torch.cat([stride[1:], stride.new_zeros(1)]).expand(n, d + 1))
+        highest = torch.cat([by_rank.new_zeros(n, 1), by_rank.flip(1).cumsum(1)[:, :d]], dim=1)  # N x (d+1)
+        codes = (((digits - low) * stride).sum(1)[:, None] + torch.arange(d + 1, device=device) * sum(strides[1:])
+                 - (d + 1) * highest).reshape(-1)
+        # the vertices: the distinct codes in ascending order (in pydensecrf's hash table, in order of appearance)
+        codes, order = torch.sort(codes, stable=True)  # pixels ascending within one vertex
+        first = torch.ones_like(codes, dtype=torch.bool)
+        first[1:] = codes[1:] != codes[:-1]
+        vertex = first.cumsum(0) - 1  # of each sorted entry
+        self.vertices = codes[first]
         self.m = len(self.vertices)
+        offsets = torch.empty_like(vertex)
+        offsets[order] = vertex
+        offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
         # splat, blur and slice as sparse matrices (CSR): one sparse-dense product per step, on any device
         alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
-        pixels = torch.arange(n, device=device)
-        order = torch.sort(offsets.reshape(-1), stable=True).indices  # by vertex; pixels ascending within one
-        self._splat = _csr(offsets.reshape(-1)[order], torch.div(order, d + 1, rounding_mode="floor"),
-                           weights.reshape(-1)[order], (self.m, n))
+        self._splat = _csr(vertex, torch.div(order, d + 1, rounding_mode="floor"), weights.reshape(-1)[order],
+                           (self.m, n))
         columns, order = torch.sort(offsets, dim=1)  # a pixel's d+1 vertices, in column order
-        self._slice = _csr(pixels.repeat_interleave(d + 1), columns.reshape(-1),
+        self._slice = _csr(torch.arange(n, device=device).repeat_interleave(d + 1), columns.reshape(-1),
                            (torch.gather(weights, 1, order) * alpha).reshape(-1), (n, self.m))
-        vertex_keys = self._key(self.vertices)
         vertices = torch.arange(self.m, device=device)
         self._blurs = []  # along each lattice axis: new = old + (left + right) / 2, a missing neighbour counting 0
         for j in range(d + 1):
-            left, right = vertex_keys.clone(), vertex_keys.clone()
-            left[:, 1:] -= 1
-            right[:, 1:] += 1
-            if j < d:
-                left[:, 1 + j] = vertex_keys[:, 1 + j] + d
-                right[:, 1 + j] = vertex_keys[:, 1 + j] - d
-            entries = torch.stack([vertices, self._find(left), self._find(right)], dim=1)  # M x 3, M = missing
-            values = torch.tensor([1.0, 0.5, 0.5], device=device).expand(self.m, 3)
-            columns, order = torch.sort(entries, dim=1)
+            # the left neighbour: every coordinate - 1, but coordinate j + d; the right one the opposite. Vertex
+            # indices ascend with the codes: the neighbour of the lower code comes first in a row
+            step = sum(strides[1:]) - ((d + 1) * strides[1 + j] if j < d else 0)
+            lower, higher = self._find(self.vertices - abs(step)), self._find(self.vertices + abs(step))
+            columns = torch.stack([lower, vertices, higher], dim=1)  # M x 3, M where missing
             present = columns < self.m
             self._blurs.append(_csr(vertices[:, None].expand(-1, 3)[present], columns[present],
-                                    torch.gather(values, 1, order)[present], (self.m, self.m)))
+                                    BLUR_WEIGHTS.to(device).expand(self.m, 3)[present], (self.m, self.m)))
 
-    def _code(self, keys: Tensor) -> Tensor:
-        """Each key (last dimension) packed into one int64, mixed radix."""
-        return ((keys - self._low) * self._strides).sum(dim=-1)
-
-    def _key(self, codes: Tensor) -> Tensor:
-        keys, rest = [], codes
-        for stride in self._strides.tolist():
-            keys.append(rest // stride)
-            rest = rest % stride
-        return torch.stack(keys, dim=1) + self._low
-
-    def _find(self, keys: Tensor) -> Tensor:
-        """The vertex index of each key, or M where the lattice has no such vertex."""
-        codes = self._code(keys)
+    def _find(self, codes: Tensor) -> Tensor:
+        """The vertex index of each code, or M where the lattice has no such vertex."""
         index = torch.searchsorted(self.vertices, codes).clamp_max(self.m - 1)
         found = self.vertices[index] == codes
         return torch.where(found, index, torch.full_like(index, self.m))
