@@ -7,13 +7,13 @@ filter's sums run in another order than pydensecrf's loops: probabilities within
 
 - lattice: features scaled by 1/sqrt((i+1)(i+2)) * sqrt(2/3)(d+1), elevated onto the hyperplane, the nearest
   remainder-0 point found by rounding to nearest (ties to even), the simplex by ranking the differences, the
-  barycentric weights, the d+1 enclosing vertices as integer keys; pydensecrf hashes the keys, we sort them
-  (``torch.unique``), which gives the same vertices in another order;
+  barycentric weights, the d+1 enclosing vertices as integer keys; pydensecrf hashes the keys, we pack each into
+  one int64 and sort them, which gives the same vertices in another order;
 - filtering: splat (each pixel's values times its barycentric weights, added into its vertices), blur (along each
   of the d+1 lattice axes in turn, new = old + (left + right) / 2, missing neighbours count as 0), slice (the
   weighted sum of the vertices, times the constant 1 / (1 + 2^-d)); each step is one sparse (CSR) matrix built with
   the lattice, so that filtering is d+3 sparse-dense products, without the (pixels x (d+1) x channels) temporaries
-  of gathering and scattering;
+  of gathering and scattering, each written into a buffer that the mean field reuses (``Buffers``);
 - kernel: symmetric normalisation, K(Q) = n * lattice(n * Q) with n = 1 / sqrt(lattice(1) + 1e-20);
 - mean field: Q = softmax(-unary); 10 times Q = softmax(-unary + sum_k w_k K_k(Q)) (Potts compatibility).
 
@@ -168,7 +168,9 @@ class Buffers:
     def __call__(self, role: str, *shape: int) -> Tensor:
         key = (role, shape)
         if key not in self._held:
-            self._held[key] = torch.empty(shape, device=self.device)
+            # zeroed: a buffer then holds finite values (for finite scores), so that a product with beta 0 gives
+            # the product even where a backend multiplies the old values by 0 instead of ignoring them
+            self._held[key] = torch.zeros(shape, device=self.device)
         return self._held[key]
 
 
