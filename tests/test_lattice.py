@@ -146,6 +146,12 @@ def test_a_filter_s_result_does_not_depend_on_what_its_buffers_held():
     assert torch.equal(lattice.filter(values), fresh)
 
 
+def test_a_lattice_whose_keys_would_overflow_64_bits_is_refused():
+    Permutohedral(torch.tensor([[0.0] * 5, [1e3] * 5]))  # spans of 600 to 9000 per coordinate: codes below 2^60
+    with pytest.raises(ValueError, match="do not fit in 64 bits"):
+        Permutohedral(torch.tensor([[0.0] * 5, [1e4] * 5]))
+
+
 def test_the_torch_backend_runs_on_the_device(device):
     image, scores = camvid_inputs(5, 64, 7, 8)
     on_device = dense_crf(image, scores, backend="torch", device=str(device))
