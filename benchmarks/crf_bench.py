@@ -121,7 +121,6 @@ def main() -> int:
     for device in devices:
         for maps in (1, 2):
             seconds, probs, peak = torch_backend(inputs, args.batch, device, maps)
-            name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
             rate = f"{args.images / seconds:6.3f} images/s ({seconds:.1f} s, batches of {args.batch}"
             memory = f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""
             if maps == 2:
@@ -131,6 +130,7 @@ def main() -> int:
                 if peak is not None:
                     results[f"torch_{device.type}_two_maps_peak_bytes"] = peak
                 continue
+            name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
             same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
             agreement = min(agreement, same)
             print(f"{name:<18s}: {rate}; {serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: "

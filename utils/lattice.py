@@ -47,7 +47,6 @@ class Permutohedral:
 
     def __init__(self, features: Tensor, groups: Optional[Tensor] = None) -> None:
         n, d = features.shape
-        self.d = d
         device = features.device
         features = features.float()
         inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
@@ -114,8 +113,8 @@ class Permutohedral:
         first = torch.ones_like(codes, dtype=torch.bool)
         first[1:] = codes[1:] != codes[:-1]
         vertex = first.cumsum(0) - 1  # of each sorted entry
-        self.vertices = codes[first]
-        self.m = len(self.vertices)
+        vertex_codes = codes[first]  # ascending
+        self.m = len(vertex_codes)
         offsets = torch.empty_like(vertex)
         offsets[order] = vertex
         offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
@@ -132,17 +131,11 @@ class Permutohedral:
             # the left neighbour: every coordinate - 1, but coordinate j + d; the right one the opposite. Vertex
             # indices ascend with the codes: the neighbour of the lower code comes first in a row
             step = sum(strides[1:]) - ((d + 1) * strides[1 + j] if j < d else 0)
-            lower, higher = self._find(self.vertices - abs(step)), self._find(self.vertices + abs(step))
+            lower, higher = _find(vertex_codes, vertex_codes - abs(step)), _find(vertex_codes, vertex_codes + abs(step))
             columns = torch.stack([lower, vertices, higher], dim=1)  # M x 3, M where missing
             present = columns < self.m
             self._blurs.append(_csr(vertices[:, None].expand(-1, 3)[present], columns[present],
                                     BLUR_WEIGHTS.to(device).expand(self.m, 3)[present], (self.m, self.m)))
-
-    def _find(self, codes: Tensor) -> Tensor:
-        """The vertex index of each code, or M where the lattice has no such vertex."""
-        index = torch.searchsorted(self.vertices, codes).clamp_max(self.m - 1)
-        found = self.vertices[index] == codes
-        return torch.where(found, index, torch.full_like(index, self.m))
 
     def filter(self, values: Tensor, reverse: bool = False, buffers: Optional[Buffers] = None) -> Tensor:
         """Splat, blur and slice N x C float32 values (pydensecrf's ``Permutohedral::compute``). The result is held
@@ -172,6 +165,13 @@ class Buffers:
             # the product even where a backend multiplies the old values by 0 instead of ignoring them
             self._held[key] = torch.zeros(shape, device=self.device)
         return self._held[key]
+
+
+def _find(vertices: Tensor, codes: Tensor) -> Tensor:
+    """The index of each code among the M ascending codes of ``vertices``, or M where it is not one of them."""
+    m = len(vertices)
+    index = torch.searchsorted(vertices, codes).clamp_max(m - 1)
+    return torch.where(vertices[index] == codes, index, torch.full_like(index, m))
 
 
 def _product(sparse: Tensor, dense: Tensor, out: Tensor) -> Tensor:
