@@ -159,6 +159,18 @@ def test_the_torch_backend_runs_on_the_device(device):
     np.testing.assert_allclose(on_device.sum(0), 1.0, atol=1e-5)
 
 
+def test_two_maps_of_a_batch_are_refined_on_the_device_as_on_the_cpu(device):
+    inputs = [camvid_inputs(i, 48, 6, 8, seed=i) for i in (2, 6)]
+    images = torch.from_numpy(np.stack([image for image, _ in inputs]))
+    maps = [torch.from_numpy(np.stack([s for _, s in inputs])), torch.from_numpy(np.stack([-s for _, s in inputs]))]
+    on_cpu = dense_crf_torch_shared(images, maps)
+    for _ in range(2):  # the second time with the device's position lattice kept from the first
+        on_device = dense_crf_torch_shared(images.to(device), [m.to(device) for m in maps])
+        for ours, reference in zip(on_device, on_cpu):
+            assert ours.device.type == device.type
+            torch.testing.assert_close(ours.cpu(), reference, rtol=0, atol=1e-4)
+
+
 def test_an_unknown_backend_is_refused():
     image, scores = camvid_inputs(0, 16, 2, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
