@@ -21,7 +21,7 @@ from model import ClusterProbe, PPAPNet, build_model
 from model.weights import describe_vit_state_dict, description_of, load_state_dict_exactly
 from utils.config import ModelConfig
 from utils.errors import WeightsError
-from utils.files import read_torch_file
+from utils.files import describe_contents, read_torch_file
 
 RELEASED_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
 OPTIMIZER_KEYS = ("net_optimizer_state_dict", "linear_optimizer_state_dict", "cluster_optimizer_state_dict")
@@ -34,9 +34,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a PPAP checkpoint (ours or a released one) on the CPU; refuse anything without the released keys."""
     ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, Mapping) or not all(k in ckpt for k in RELEASED_KEYS):
-        found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise WeightsError(f"{path} is not a PPAP checkpoint: expected the keys {', '.join(RELEASED_KEYS)} "
-                           f"(found {found})")
+        backbone = describe_vit_state_dict(ckpt) if isinstance(ckpt, Mapping) else None
+        hint = (f"; these are the weights of a {backbone} backbone: give them to model.pretrained.pretrained_weights"
+                if backbone else f"; a PPAP checkpoint holds {', '.join(RELEASED_KEYS)}")
+        held = describe_contents(ckpt, "a PPAP checkpoint's")
+        raise WeightsError(f"checkpoint {path} is not a PPAP checkpoint: it holds {held}{hint}")
     return dict(ckpt)
 
 

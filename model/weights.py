@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from utils.files import read_torch_file
+from utils.files import describe_contents, listed, read_torch_file
 from utils.config import BACKBONES, NONE_WEIGHTS, PretrainedConfig
 from utils.errors import WeightsError
 
@@ -79,8 +79,10 @@ def load_backbone_weights(vit: nn.Module, pretrained: PretrainedConfig) -> str:
     else:
         state_dict = read_torch_file(weights, "weight file")
         source = weights
-    load_state_dict_exactly(vit, extract_backbone_state_dict(state_dict, source), source,
-                            expected=description_of(pretrained))
+    backbone = extract_backbone_state_dict(state_dict, source)
+    if not backbone.keys() & vit.state_dict().keys():
+        raise _no_vit_weights(source, state_dict)
+    load_state_dict_exactly(vit, backbone, source, expected=description_of(pretrained))
     return source
 
 
@@ -103,14 +105,14 @@ def extract_backbone_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
     - a PPAP checkpoint: ``obj["net_model_state_dict"]``, the ViT under ``model.*``.
     """
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{source}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
+        raise _no_vit_weights(source, obj)
     if "teacher" in obj:
         obj = obj["teacher"]
     elif "net_model_state_dict" in obj:
         net = obj["net_model_state_dict"]
         obj = {k[len(PPAP_BACKBONE_PREFIX):]: v for k, v in net.items() if k.startswith(PPAP_BACKBONE_PREFIX)}
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightsError(f"{source}: not a state dict of tensors (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        raise _no_vit_weights(source, obj)
     wrapped = any(key.removeprefix(DDP_PREFIX).startswith(BACKBONE_PREFIX) for key in obj)
     state_dict = {}
     for key, value in obj.items():
@@ -124,11 +126,16 @@ def extract_backbone_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
     return state_dict
 
 
+def _no_vit_weights(source: str, obj: Any) -> WeightsError:
+    held = describe_contents(obj, "a ViT's")
+    return WeightsError(f"weight file {source} holds no ViT weights: it holds {held}")
+
+
 def describe_vit_state_dict(state_dict: Mapping[str, Tensor]) -> Optional[str]:
     """'DINOv2 vit_small/14 with 4 registers'-style name of the ViT a state dict holds, when its keys and shapes say
     so (the family from its characteristic keys, the size from its width, depth and feed-forward layer)."""
     proj = state_dict.get("patch_embed.proj.weight")
-    if proj is None or proj.ndim != 4:
+    if not isinstance(proj, Tensor) or proj.ndim != 4:
         return None
     width, patch = proj.shape[0], proj.shape[-1]
     if "rope_embed.periods" in state_dict or "storage_tokens" in state_dict:
@@ -163,18 +170,13 @@ def load_state_dict_exactly(module: nn.Module, state_dict: Mapping[str, Tensor],
     if missing or unexpected or shapes:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
+            problems.append(f"{len(missing)} missing key(s): {listed(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected key(s): {listed(unexpected)}")
         if shapes:
-            problems.append(f"{len(shapes)} shape mismatch(es): {_listed(shapes)}")
+            problems.append(f"{len(shapes)} shape mismatch(es): {listed(shapes)}")
         found = describe_vit_state_dict(state_dict)
         hint = (f" The file looks like a {found}; the option file asks for a {expected}."
                 if found and expected and found != expected else "")
         raise WeightsError(f"{source} does not fit the model: {'; '.join(problems)}.{hint}")
     module.load_state_dict(state_dict, strict=True)
-
-
-def _listed(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -21,8 +21,9 @@ import re
 import secrets
 import shutil
 import socket
+import zipfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -31,6 +32,15 @@ from utils.errors import OutputError, WeightsError
 
 TMP_SUFFIX = ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # the names save_atomically gives its temporary files
+# What a file's first bytes say it is (describe_file):
+SNIFF_BYTES = 512  # read from the start of a file
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or the end record of an empty zip
+NUMPY_MAGIC = b"\x93NUMPY"  # numpy's .npy format
+PICKLE_PROTO = 0x80  # a pickle of protocol 2 or later starts with PROTO and the protocol's number
+# torch.save's format before torch 1.6: a protocol-2 pickle that begins with torch's magic number (a 10-byte LONG1)
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
+SAFETENSORS_HEADER = 8  # safetensors: the JSON header's length (8 bytes, little-endian), then the header "{..."
+TEXT_SHOWN = 40  # characters of a text file's first line shown in a message
 
 
 @contextlib.contextmanager
@@ -174,7 +184,8 @@ class FolderLock:
 
 def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     """``torch.load`` on the CPU, restricted to tensors and plain containers (plus the argparse.Namespace that DINO
-    training checkpoints hold); a missing or unreadable file raises ``WeightsError`` naming ``kind`` and the path."""
+    training checkpoints hold); a missing or unreadable file raises ``WeightsError`` naming ``kind`` and the path,
+    and for a file torch.save did not write, what it is (``describe_file``)."""
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{kind} {path} is a folder, not a file")
@@ -183,15 +194,99 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     if not path.is_file():
         raise WeightsError(f"{kind} {path} is not a regular file (a device or a pipe); pass the file itself")
     if path.stat().st_size == 0:
-        raise WeightsError(f"{kind} {path} is empty (0 bytes): an interrupted copy or download?")
+        raise WeightsError(f"{kind} {path} is {describe_file(path)}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except EOFError:
-        raise WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)") from None
-    except pickle.UnpicklingError:  # torch's advice (weights_only=False) would run whatever code the file holds
+    except OSError as err:  # the file itself cannot be read (permissions, an I/O error)
+        raise WeightsError(f"cannot read {kind} {path}: {err.strerror or _first_line(err)}") from None
+    except Exception as err:  # the weights-only unpickler fails on foreign bytes with whatever it meets (KeyError, ...)
+        failure = err
+    what = describe_file(path)
+    if what is not None:
+        raise WeightsError(f"cannot read {kind} {path}: it is {what}")
+    if isinstance(failure, EOFError):
+        raise WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)")
+    if isinstance(failure, pickle.UnpicklingError):  # torch's advice (weights_only=False) would run the file's code
         raise WeightsError(f"cannot read {kind} {path}: it holds Python objects other than tensors and plain "
-                           f"containers, which are not loaded (they could run code); is it a {kind} at all?") from None
-    except (RuntimeError, OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"cannot read {kind} {path}: {first_line}") from None
+                           f"containers, which are not loaded (they could run code); is it a {kind} at all?")
+    raise WeightsError(f"cannot read {kind} {path}: {_first_line(failure)}")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def describe_file(path: str | Path) -> Optional[str]:
+    """What a file is, from its first bytes, when torch.save did not write it: "empty (0 bytes) ...", "a text file
+    (it begins '...') ...", "a zip archive cut short ...", "a numpy array (.npy ...)", "numpy arrays (.npz ...)", a
+    pickle, a safetensors file, "binary data of no kind known here ..."; None for a file of torch.save's formats (a
+    zip holding data.pkl, or the legacy pickle)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes): an interrupted copy or download?"
+    with path.open("rb") as file:
+        head = file.read(SNIFF_BYTES)
+    if head.startswith(ZIP_MAGIC):
+        return _describe_zip(path, size)
+    if head.startswith(NUMPY_MAGIC):
+        return "a numpy array (.npy, as numpy.save writes it), not a file torch.save writes"
+    if head.startswith(TORCH_LEGACY_MAGIC):
+        return None
+    if len(head) > 1 and head[0] == PICKLE_PROTO and head[1] <= pickle.HIGHEST_PROTOCOL:
+        return "a Python pickle not written by torch.save (pickle.dump's format)"
+    if len(head) > SAFETENSORS_HEADER and head[SAFETENSORS_HEADER:SAFETENSORS_HEADER + 1] == b"{" \
+            and int.from_bytes(head[:SAFETENSORS_HEADER], "little") < size:
+        return "a safetensors file: load it with safetensors.torch.load_file and torch.save the state dict"
+    text = _as_text(head)
+    if text is not None:
+        begins = text.strip().splitlines()[0][:TEXT_SHOWN] if text.strip() else ""
+        return f"a text file (it begins {begins!r}), not a file torch.save writes"
+    return f"binary data of no kind known here (it begins {head[:8].hex(' ')})"
+
+
+def _describe_zip(path: Path, size: int) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:  # the archive's directory, at its end, is missing
+        return f"a zip archive cut short ({size} bytes; its end is missing): an interrupted copy or download?"
+    if any(name.rpartition("/")[2] == "data.pkl" for name in names):
+        return None
+    if names and all(name.endswith(".npy") for name in names):
+        return f"numpy arrays (.npz, as numpy.savez writes them: {listed([n[:-4] for n in names])}), not a file " \
+               f"torch.save writes"
+    return f"a zip archive of other files ({listed(names)})"
+
+
+def _as_text(head: bytes) -> Optional[str]:
+    """``head`` as text when it is UTF-8 of printable characters and white space (a character cut at the end too)."""
+    try:
+        text = head.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        if err.reason != "unexpected end of data":
+            return None
+        text = head[:err.start].decode("utf-8-sig")
+    return text if all(c.isprintable() or c in "\t\n\r\f\v" for c in text) else None
+
+
+def describe_contents(obj: Any, expected: str) -> str:
+    """What a loaded torch file holds, for a message that says it is not what was expected (``expected``: whose keys
+    a state dict should have, e.g. "a ViT's"): "another model's weights, a state dict of 2 tensors whose keys are not
+    a ViT's (conv1.weight, fc.bias)", "a dict whose keys ...", "a single tensor of shape [3]", "a list"."""
+    if isinstance(obj, Mapping) and obj:
+        keys = listed([str(k) for k in obj])
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            tensors = f"{len(obj)} tensor{'s' if len(obj) > 1 else ''}"
+            return f"another model's weights, a state dict of {tensors} whose keys are not {expected} ({keys})"
+        return f"a dict whose keys are not {expected} ({keys})"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {list(obj.shape)}"
+    return f"an empty {type(obj).__name__}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+
+
+def listed(items: Sequence[str], limit: int = 5) -> str:
+    """"a, b, c, d, e, ... (3 more)": the first ``limit`` items, and how many are left out."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
