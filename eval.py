@@ -6,9 +6,9 @@
 
 A checkpoint written by run.py carries its options, so it needs no --opt; a released checkpoint needs the option
 file it was trained with. Without --checkpoint, {output_dir}/{checkpoint}/ckpt.pth of the option file is loaded,
-as the original eval.py did. Writes eval_report.json, the confusion matrix (and, with eval.is_visualize, a
-visualisation) next to the checkpoint or into --out. Exit status 2 for a mistake in the options, the data or the
-checkpoint.
+as the original eval.py did. Writes {stem}_eval_report.json, {stem}_confusion_matrix.png ... next to the
+checkpoint (best_eval_report.json for best.pth), or eval_report.json ... into --out; the report records the
+checkpoint's resolved path and SHA-256. Exit status 2 for a mistake in the options, the data or the checkpoint.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.",
                          opt_required=False)
-    parser.add_argument("--out", default=None, help="folder for the report (default: the checkpoint's folder)")
+    parser.add_argument("--out", default=None, help="folder for eval_report.json and its pictures (default: the "
+                        "checkpoint's folder, as {stem}_eval_report.json ...)")
     args = parser.parse_intermixed_args(argv)  # dotted overrides may come before or after the flags
     cfg = config_from_args(args) if args.opt else None
     path = checkpoint_path(cfg, args.checkpoint)
@@ -54,7 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     precision = resolve_precision(cfg.precision, fabric.device)
     tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode)
     try:
-        reports = evaluate_and_report(cfg, {"": (path, ckpt)}, out_dir, fabric, precision, tracker)
+        # beside the checkpoint each report is named after it, as run.py names best's and last's; a folder given
+        # with --out is the user's choice, where the plain name is expected
+        name = "" if args.out else path.stem
+        reports = evaluate_and_report(cfg, {name: (path, ckpt)}, out_dir, fabric, precision, tracker)
     finally:
         tracker.finish()
     for written in reports.files:

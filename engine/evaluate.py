@@ -19,6 +19,7 @@ so the metrics are those of one process; process 0 prints, writes the reports an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -243,19 +244,32 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """The SHA-256 of a checkpoint file (hex), read in chunks: a checkpoint of gigabytes takes little memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], colors: np.ndarray,
-                checkpoint: str, prefix: str = "", tta: str = "none",
+                checkpoint: str | Path, prefix: str = "", tta: str = "none",
                 crf_backend: str = "pydensecrf") -> dict[str, Path]:
     """Write ``{prefix}eval_report.json``, the confusion matrix, the per-class IoU chart and the visualisation;
     return their paths.
 
     The report holds the metrics (``no_crf``, ``crf``), per-class IoU, the checkpoint, the number of images, the
-    test-time augmentation, the CRF backend (null without CRF), and the Hungarian ``matching`` of the cluster probe
-    (``predict.py`` names clusters with it)."""
+    test-time augmentation, the CRF backend (null without CRF), and the Hungarian ``matching`` of the cluster probe.
+    A checkpoint file (a ``Path``) is recorded by its resolved path and its SHA-256 (``checkpoint_sha256``):
+    ``predict.py`` names clusters with a report only when both are those of the checkpoint it runs. A string
+    ("(training)") is recorded as it is, with no hash."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(checkpoint, Path):
+        recorded, sha256 = str(checkpoint.resolve()), checkpoint_sha256(checkpoint)
+    else:
+        recorded, sha256 = checkpoint, None
     report: dict[str, Any] = {**evaluation.metrics(),
                               "per_class_iou": evaluation.no_crf.per_class_iou(class_names),
-                              "checkpoint": checkpoint, "n_images": evaluation.n_images, "tta": tta,
+                              "checkpoint": recorded, "checkpoint_sha256": sha256,
+                              "n_images": evaluation.n_images, "tta": tta,
                               "crf_backend": crf_backend if evaluation.crf is not None else None,
                               "seconds": {"total": round(evaluation.seconds, 3),
                                           "crf": round(evaluation.crf_seconds, 3)},
@@ -302,9 +316,10 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
                         fabric: Fabric, precision: str, tracker: Tracker, step: int = 0) -> Reports:
     """Evaluate loaded checkpoints on the validation split at 320 px, before and (``eval.is_crf``) after CRF.
 
-    ``checkpoints`` maps a name ("best", "last"; "" for eval.py's single file) to (path, checkpoint). For each,
-    ``{name}_eval_report.json``, its confusion matrix and (``eval.is_visualize``) its visualisation are written into
-    ``out_dir`` (without the prefix for the name ""), and its metrics and pictures go to wandb under
+    ``checkpoints`` maps a name (the file stem: "best", "last"; "" for eval.py's file into a folder of the user's
+    choice) to (path, checkpoint). For each, ``{name}_eval_report.json`` (recording the checkpoint's resolved path
+    and SHA-256), its confusion matrix and (``eval.is_visualize``) its visualisation are written into ``out_dir``
+    (without the prefix for the name ""), and its metrics and pictures go to wandb under
     ``eval/{name or file stem}/``. One table of all of them is printed. With several processes, each evaluates its
     share of the images and process 0 writes, logs and prints (the others return no files).
     """
@@ -330,7 +345,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
         results[name] = ev.metrics()
         if not world.is_main:
             continue
-        paths = save_report(ev, out_dir, names, colors, checkpoint=str(path), prefix=f"{name}_" if name else "",
+        paths = save_report(ev, out_dir, names, colors, checkpoint=path, prefix=f"{name}_" if name else "",
                             tta=cfg.eval.tta, crf_backend=cfg.eval.crf_backend)
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})

@@ -1,5 +1,7 @@
+import hashlib
 import importlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +12,13 @@ from torch.utils.data import DataLoader
 
 from dataset import build_dataset
 from engine.evaluate import evaluate
+from engine.train import final_evaluation
 from model import build_model
 from tests.conftest import tiny_options
 from utils.cli import run_main
 from utils.config import config_to_dict, load_config
+from utils.distributed import launch
+from utils.tracking import Tracker
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 
@@ -48,7 +53,7 @@ def released(tiny_data, tmp_path_factory):
 def report(released):
     options, path = released
     assert run_main(eval_script.main, ["--opt", str(options), "--debug"]) == 0
-    return json.loads((path.parent / "eval_report.json").read_text())
+    return json.loads((path.parent / "ckpt_eval_report.json").read_text())
 
 
 def test_released_checkpoint_is_evaluated_before_and_after_crf(report):
@@ -78,7 +83,7 @@ def test_report_has_per_class_iou_by_class_name(report):
 def test_confusion_matrix_and_visualisation_are_valid_pngs(report, released):
     folder = released[1].parent
     for name in ("confusion_matrix.png", "per_class_iou.png", "visualization.png"):
-        with Image.open(folder / name) as img:
+        with Image.open(folder / f"ckpt_{name}") as img:
             assert img.format == "PNG" and min(img.size) > 100
 
 
@@ -165,7 +170,7 @@ def ours(released, tmp_path_factory):
 
 def test_checkpoint_with_its_options_needs_no_option_file(ours, report):
     assert run_main(eval_script.main, ["--checkpoint", str(ours), "--debug"]) == 0
-    written = json.loads((ours.parent / "eval_report.json").read_text())
+    written = json.loads((ours.parent / "last_eval_report.json").read_text())
     assert written["n_images"] == 4
     assert written["no_crf"] == report["no_crf"] and written["crf"] == report["crf"]
 
@@ -198,3 +203,31 @@ def test_option_file_that_differs_from_the_stored_options_is_named(ours, release
 def test_no_checkpoint_and_no_option_file_is_one_clear_error(capsys):
     assert run_main(eval_script.main, ["--debug"]) == 2
     assert "pass --checkpoint FILE" in capsys.readouterr().err
+
+
+def test_the_report_records_the_checkpoints_resolved_path_and_sha256(report, released):
+    _, path = released
+    assert report["checkpoint"] == str(path.resolve())
+    assert report["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_reports_of_two_checkpoints_of_one_folder_are_kept_apart(ours, tmp_path):
+    for name in ("best.pth", "last.pth"):
+        shutil.copyfile(ours, tmp_path / name)
+        assert run_main(eval_script.main, ["--checkpoint", str(tmp_path / name), "--debug", "eval.is_crf=false"]) == 0
+    for stem in ("best", "last"):
+        written = json.loads((tmp_path / f"{stem}_eval_report.json").read_text())
+        assert written["checkpoint"] == str((tmp_path / f"{stem}.pth").resolve()), stem
+
+
+def test_the_final_evaluation_of_a_run_records_each_checkpoints_path_and_sha256(ours, released, tmp_path):
+    cfg = load_config(released[0], ["eval.is_crf=false", "eval.is_visualize=false"])
+    for name in ("best.pth", "last.pth"):
+        shutil.copyfile(ours, tmp_path / name)
+    tracker = Tracker(cfg.wandb, tmp_path, {}, default_tag="tiny", mode="disabled")
+    final_evaluation(cfg, tmp_path, launch("cpu", []), "fp32", tracker)
+    sha256 = hashlib.sha256(ours.read_bytes()).hexdigest()
+    for stem in ("best", "last"):
+        written = json.loads((tmp_path / f"{stem}_eval_report.json").read_text())
+        assert (written["checkpoint"], written["checkpoint_sha256"]) == (str((tmp_path / f"{stem}.pth").resolve()),
+                                                                          sha256), stem
