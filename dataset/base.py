@@ -1,9 +1,11 @@
 """The one Dataset class behind every format, and the readers of image, label and .mat files."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -169,3 +171,24 @@ class SegmentationDataset(Dataset):
             raise DataError(f"{self.samples[index].image}: resized to {self.transform.res} px, {err} Lower "
                             f"dataset.res") from None
         return {"ind": index, "img": img, "label": label_t}
+
+
+def fingerprint(splits: Mapping[str, SegmentationDataset], root: str | Path) -> dict[str, dict[str, Any]]:
+    """What tells the data of runs apart wherever it lies: per split (``{"train": dataset, ...}``), the number of
+    images and of labels and a SHA-256 of the sorted file names relative to ``root``. File contents are not read
+    (that would take as long as an epoch): the same names with other contents are not told apart."""
+    prefix = os.path.join(str(Path(root)), "")  # samples are paths below Path(root)
+
+    def relative(path: Optional[Path]) -> str:
+        if path is None:
+            return ""
+        name = str(path)
+        return name[len(prefix):] if name.startswith(prefix) else os.path.relpath(name, root)
+
+    out = {}
+    for mode, dataset in splits.items():
+        names = sorted(f"{relative(s.image)}\t{relative(s.label)}" for s in dataset.samples)
+        digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+        out[mode] = {"images": len(names), "labels": sum(s.label is not None for s in dataset.samples),
+                     "names_sha256": digest}
+    return out

@@ -2,9 +2,16 @@
 and min-max per group (``python -m tools.report`` and the end of a sweep).
 
 Runs are grouped by their options with the seed and the options that do not change what is computed left out (paths,
-wandb, printing, workers, the evaluation's worker count); a group is named by the options in which the groups differ.
+wandb, printing, workers, the evaluation's worker count), and by their data: the fingerprint a run records when it
+starts (``data_fingerprint.json``: per split, the number of images and a hash of the file names below
+``dataset.data_path``), so that runs on different data never share a group and runs on the same data moved elsewhere
+do. A run folder written before the fingerprint existed is grouped by its ``dataset.data_path``, apart from the runs
+that have one. A group is named by the options in which the groups differ ("data=" a short hash of the fingerprint).
+A seed that appears twice in a group is flagged in the tables and in summary.json ("repeated_seeds").
 For each checkpoint choice (best.pth: chosen with validation labels; last.pth: the label-free choice) and setting
 (before / after CRF) one table: every run, then per group the mean +- the sample standard deviation and the range.
+Unfinished runs (config.json without final_metrics.json) and runs whose files cannot be read are left out, each kind
+said in one line.
 ``write_summary`` writes it as ``summary.md``, ``summary.json`` and ``summary.csv`` (full precision, in percent as
 final_metrics.json), and ``summary_curves.png``: the validation curves of every run, per group with their mean and
 range.
@@ -12,8 +19,10 @@ range.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -22,11 +31,13 @@ from typing import Any, Optional, Sequence
 
 from engine.evaluate import METRIC_NAMES
 from engine.journal import read_log
-from engine.train import CONFIG_FILE, FINAL_METRICS, LOG_FILE
+from engine.train import CONFIG_FILE, DATA_FILE, FINAL_METRICS, LOG_FILE
 from utils.config import config_from_dict, config_to_dict
 from utils.errors import ConfigError, UserError
 from utils.files import to_json, write_text_atomically
 from utils.visualize import save_group_curves
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = {"best": "best.pth", "last": "last.pth"}
 SETTINGS = {"no_crf": "before CRF", "crf": "after CRF"}
@@ -35,13 +46,15 @@ NOT_THE_EXPERIMENT = ("seed", "output_dir", "checkpoint", "gpu_ids", "device", "
                       "dataloader.num_workers", "train.print_freq", "eval.crf_workers", "eval.n_images",
                       "eval.is_visualize")
 SUMMARY_FILES = ("summary.md", "summary.json", "summary.csv")
+DATA_KEY = "data"  # the option under which a run's data is compared: a short hash of its fingerprint
+DATA_HASH_CHARS = 8  # hex digits of that hash shown (32 bits: two data sets of one study do not collide)
 SUMMARY_CURVES = "summary_curves.png"
 
 
 @dataclass
 class Run:
     path: Path
-    options: dict[str, Any]  # flattened dotted keys of the experiment (NOT_THE_EXPERIMENT left out)
+    options: dict[str, Any]  # flattened dotted keys of the experiment (NOT_THE_EXPERIMENT left out), and DATA_KEY
     seed: Any
     metrics: dict[str, Any]  # final_metrics.json
 
@@ -57,26 +70,61 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def find_runs(arguments: Sequence[str]) -> list[Run]:
-    """The run directories named or below the folders named, in path order."""
-    folders: list[Path] = []
+    """The finished run directories named or below the folders named, in path order. Unfinished ones (a config.json
+    without final_metrics.json) and ones whose files cannot be read are left out, with a line that names them."""
+    finished: list[Path] = []
+    unfinished: list[Path] = []
     for argument in arguments:
         path = Path(argument)
         if not path.is_dir():
             raise UserError(f"{argument}: not a folder (give run directories or folders that hold them)")
-        folders += [p.parent for p in sorted(path.rglob(FINAL_METRICS))]
-    if not folders:
+        finished += [p.parent for p in sorted(path.rglob(FINAL_METRICS))]
+        unfinished += [p.parent for p in sorted(path.rglob(CONFIG_FILE)) if not (p.parent / FINAL_METRICS).exists()]
+    if unfinished:
+        unfinished = list(dict.fromkeys(unfinished))
+        log.warning("%d run%s without %s (unfinished, or trained without validation labels) left out: %s",
+                    len(unfinished), "s" if len(unfinished) > 1 else "", FINAL_METRICS, ", ".join(map(str, unfinished)))
+    if not finished:
         raise UserError(f"no {FINAL_METRICS} below {', '.join(arguments)}: run.py writes it at the end of a run")
     runs = []
-    for folder in dict.fromkeys(folders):  # each once, in order
+    for folder in dict.fromkeys(finished):  # each once, in order
         try:
-            config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            metrics = json.loads((folder / FINAL_METRICS).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{folder}: cannot read its {CONFIG_FILE} and {FINAL_METRICS} ({err})") from None
-        options = {k: v for k, v in flatten(with_defaults(config, folder / CONFIG_FILE)).items()
-                   if not any(k == drop or k.startswith(drop) for drop in NOT_THE_EXPERIMENT)}
-        runs.append(Run(folder, options, config.get("seed"), metrics))
+            runs.append(read_run(folder))
+        except UserError as err:
+            log.warning("%s; run left out", err)
+    if not runs:
+        raise UserError(f"no readable run below {', '.join(arguments)}")
     return runs
+
+
+def read_run(folder: Path) -> Run:
+    """A finished run directory's options, data, seed and metrics; ``UserError`` naming a file that cannot be read."""
+    config = _read_json(folder / CONFIG_FILE)
+    metrics = _read_json(folder / FINAL_METRICS)
+    options = {k: v for k, v in flatten(with_defaults(config, folder / CONFIG_FILE)).items()
+               if not any(k == drop or k.startswith(drop) for drop in NOT_THE_EXPERIMENT)}
+    options[DATA_KEY] = json.dumps(data_of(folder, config))
+    return Run(folder, options, config.get("seed"), metrics)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"{path}: cannot read it ({err})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(content).__name__}")
+    return content
+
+
+def data_of(folder: Path, config: dict[str, Any]) -> str:
+    """What a run's data is compared by: a short hash of the fingerprint it recorded, or for a run folder without one
+    (written before runs recorded it) its ``dataset.data_path``."""
+    if not (folder / DATA_FILE).exists():
+        data_path = config.get("dataset", {}).get("data_path") if isinstance(config.get("dataset"), dict) else None
+        return f"{data_path} (no {DATA_FILE})"
+    recorded = json.dumps(_read_json(folder / DATA_FILE), sort_keys=True)
+    return hashlib.sha256(recorded.encode("utf-8")).hexdigest()[:DATA_HASH_CHARS]
 
 
 def with_defaults(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -115,8 +163,9 @@ def statistics_of(values: list[float]) -> dict[str, Optional[float]]:
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
     groups = groups_of(runs)
-    out: dict[str, Any] = {"runs": [{"path": str(r.path), "seed": r.seed, "group": g} for g, rs in groups.items()
-                                    for r in rs], "groups": {}}
+    out: dict[str, Any] = {"runs": [{"path": str(r.path), "seed": r.seed, "group": g,
+                                     "data": json.loads(r.options[DATA_KEY])} for g, rs in groups.items() for r in rs],
+                           "groups": {}, "repeated_seeds": repeated_seeds(groups)}
     for group, members in groups.items():
         out["groups"][group] = {
             checkpoint: {setting: {metric: statistics_of([r.metrics.get(checkpoint, {}).get(setting, {}).get(metric)
@@ -124,6 +173,23 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
                          for setting in SETTINGS}
             for checkpoint in CHECKPOINTS}
     return out
+
+
+def repeated_seeds(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
+    """Every seed that more than one run of a group has: {"group", "seed", "runs": [paths]}. Its runs are counted as
+    independent in the group's statistics, which they may not be (a run copied, or started twice)."""
+    repeated = []
+    for group, members in groups.items():
+        by_seed: dict[str, list[str]] = {}
+        for run in members:
+            by_seed.setdefault(json.dumps(run.seed), []).append(str(run.path))
+        repeated += [{"group": group, "seed": json.loads(seed), "runs": paths}
+                     for seed, paths in by_seed.items() if len(paths) > 1]
+    return repeated
+
+
+def _times(n: int) -> str:
+    return "twice" if n == 2 else f"{n} times"
 
 
 def _cell(value: Optional[float]) -> str:
@@ -152,8 +218,14 @@ def tables(runs: list[Run], summary: dict[str, Any]) -> str:
                     cells.append("-" if s["mean"] is None else
                                  f"{s['mean']:.2f}{spread} ({s['min']:.2f}-{s['max']:.2f})")
                 n = stats[checkpoint][setting][METRIC_NAMES[0]]["n"]
-                lines.append(f"| **mean +- std (min-max)** | {n} runs | {group} | " + " | ".join(cells) + " |")
+                flags = "".join(f", seed {r['seed']} {_times(len(r['runs']))}!" for r in summary["repeated_seeds"]
+                                if r["group"] == group)
+                lines.append(f"| **mean +- std (min-max)** | {n} runs{flags} | {group} | " + " | ".join(cells) + " |")
             lines.append("")
+    for r in summary["repeated_seeds"]:
+        lines.append(f"WARNING: in group {r['group']}, seed {r['seed']} appears {_times(len(r['runs']))} "
+                     f"({', '.join(r['runs'])}); the statistics count these runs as independent: is one a copy of "
+                     f"another?")
     return "\n".join(lines)
 
 

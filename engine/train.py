@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import EpochSampler, SeededSamples, build_dataset, class_names, color_map, make_loader
+from dataset import EpochSampler, SeededSamples, build_dataset, class_names, color_map, fingerprint, make_loader
 from engine.checkpoint import (config_differences, load_checkpoint, load_networks, require_training_state,
                                set_rng_state, training_checkpoint)
 from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, evaluate, evaluate_and_report
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pth", "best.pth"
 CONFIG_FILE, LOG_FILE, FINAL_METRICS, CURVES_FILE = "config.json", "log.jsonl", "final_metrics.json", "curves.png"
+DATA_FILE = "data_fingerprint.json"  # what tells the data a run reads apart (dataset.fingerprint); written as it starts
 RUN_LOCK = ".lock"  # held by the process that owns the run directory
 VAL_EXAMPLES = 4  # validation images shown in wandb at each validation
 ITERATION_STREAM = 1  # tells the random stream of the iterations apart from others derived from the seed
@@ -132,6 +133,7 @@ class Run:
     validate: bool  # the validation set has labelled pixels to score
     wandb_run_id: Optional[str] = None  # the wandb run to continue (resume)
     progress: Progress = field(default_factory=Progress)
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)  # of the splits it reads, for tools.report
 
 
 def seed_everything(seed: int) -> None:
@@ -301,7 +303,8 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
                                        batch_size=sampler.local_batch_size, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE,
                                      sampler=world.share(len(val_set))),
-              n_classes=val_set.n_classes, validate=validate)
+              n_classes=val_set.n_classes, validate=validate,
+              data_fingerprint=fingerprint({"train": train_set, "val": val_set}, cfg.dataset.data_path))
     if ckpt is not None:
         load_networks(ckpt, run.net, run.linear, run.cluster, str(last_path))
         for name, optimizer in run.optimizers._asdict().items():
@@ -326,6 +329,7 @@ def _start_writing(run: Run) -> None:
     # the log goes on from the checkpoint (a new run: from nothing, dropping what a run that saved nothing logged)
     trim_log(run.run_dir / LOG_FILE, run.progress.iteration)
     write_text_atomically(run.run_dir / CONFIG_FILE, to_json(config_to_dict(run.cfg), indent=2) + "\n")
+    write_text_atomically(run.run_dir / DATA_FILE, to_json(run.data_fingerprint, indent=2) + "\n")
 
 
 def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Optional[str]], Tracker],

@@ -7,7 +7,8 @@ A RUN_DIR is a run directory (it holds config.json and final_metrics.json, as ru
 which run directories are searched. One table per checkpoint choice (best.pth, last.pth) and setting (before / after
 CRF) is printed; ``summary.md``, ``summary.json``, ``summary.csv`` and ``summary_curves.png`` (the validation curves
 of each group's runs with their mean and range) are written into ``--out`` (default: the first RUN_DIR). How runs
-are grouped: engine/report.py.
+are grouped (by their options and the fingerprint of their data, data_fingerprint.json): engine/report.py. Unfinished
+runs and runs whose files cannot be read are left out, each kind named in one line on stderr.
 """
 from __future__ import annotations
 
