@@ -4,6 +4,7 @@ with exit status 2."""
 import io
 import pickle
 import re
+import warnings
 import zipfile
 
 import numpy as np
@@ -46,6 +47,7 @@ KINDS = {
     "zip cut short": (_torch_bytes({"w": torch.zeros(1000)})[:700], r"a zip archive cut short"),
     "numpy array": (_numpy_bytes(np.save, np.zeros((2, 3))), r"a numpy array \(\.npy"),
     "numpy arrays": (_numpy_bytes(np.savez, w=np.zeros(3), b=np.ones(2)), r"numpy arrays \(\.npz"),
+    "Python pickle": (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), r"a Python pickle not written by torch\.save"),
     "another model's weights": (_torch_bytes({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.bias": torch.zeros(10)}),
                                 r"another model's weights, .*conv1\.weight"),
 }
@@ -100,6 +102,16 @@ def test_pretrained_weights_that_are_not_weights_say_what_the_file_is(wrong_file
     assert_one_line_naming(capsys, status, path, said)
 
 
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind != "another model's weights"])  # those load
+def test_reading_a_file_that_is_not_a_torch_file_warns_nothing_beside_its_one_line(kind, tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(KINDS[kind][0])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(WeightsError):
+        warnings.simplefilter("always")
+        read_torch_file(path)
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_another_models_weights_as_checkpoint_are_said_not_to_be_a_ppap_checkpoint(tmp_path):
     path = tmp_path / "resnet.pth"
     path.write_bytes(KINDS["another model's weights"][0])
@@ -138,13 +150,6 @@ def test_binary_data_of_no_known_kind_shows_its_first_bytes(tmp_path):
         read_torch_file(path)
 
 
-def test_a_python_pickle_not_written_by_torch_is_named(tmp_path):
-    path = tmp_path / "plain.pkl"
-    path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
-    with pytest.raises(WeightsError, match=r"a Python pickle not written by torch\.save"):
-        read_torch_file(path)
-
-
 def test_a_legacy_torch_file_is_still_read(tmp_path):
     path = tmp_path / "legacy.pth"
     torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
@@ -155,3 +160,24 @@ def test_a_torch_file_is_not_described_as_something_else(tmp_path):
     path = tmp_path / "fine.pth"
     torch.save({"w": torch.zeros(2)}, path)
     assert describe_file(path) is None
+
+
+def test_a_file_of_white_space_is_named_as_such(tmp_path):
+    path = tmp_path / "blank.pth"
+    path.write_text("  \n\n")
+    with pytest.raises(WeightsError, match=r"a text file of white space only"):
+        read_torch_file(path)
+
+
+def test_torch_s_warnings_about_a_file_that_loads_are_passed_on(tmp_path, monkeypatch):
+    path = tmp_path / "fine.pth"
+    torch.save({"w": torch.zeros(2)}, path)
+    load = torch.load
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("a note about this file", UserWarning)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", warning_load)
+    with pytest.warns(UserWarning, match="a note about this file"):
+        read_torch_file(path)

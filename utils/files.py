@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import warnings
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Optional, Sequence
@@ -195,22 +196,32 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
         raise WeightsError(f"{kind} {path} is not a regular file (a device or a pipe); pass the file itself")
     if path.stat().st_size == 0:
         raise WeightsError(f"{kind} {path} is {describe_file(path)}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:  # the file itself cannot be read (permissions, an I/O error)
-        raise WeightsError(f"cannot read {kind} {path}: {err.strerror or _first_line(err)}") from None
-    except Exception as err:  # the weights-only unpickler fails on foreign bytes with whatever it meets (KeyError, ...)
-        failure = err
+    # torch warns about what it meets in a foreign file (a pickle of another protocol) before it fails: its warnings
+    # are shown only for a file that loads, so that a refused one ends in one line
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                content = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as err:  # the file itself cannot be read (permissions, an I/O error)
+            raise WeightsError(f"cannot read {kind} {path}: {err.strerror or _first_line(err)}") from None
+        except Exception as err:  # the weights-only unpickler fails on foreign bytes with what it meets (KeyError, ...)
+            raise _unreadable(path, kind, err) from None
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return content
+
+
+def _unreadable(path: Path, kind: str, failure: Exception) -> WeightsError:
+    """Why ``torch.load`` failed on ``path``: what the file is, or for a file of torch.save's formats, the failure."""
     what = describe_file(path)
     if what is not None:
-        raise WeightsError(f"cannot read {kind} {path}: it is {what}")
+        return WeightsError(f"cannot read {kind} {path}: it is {what}")
     if isinstance(failure, EOFError):
-        raise WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)")
+        return WeightsError(f"cannot read {kind} {path}: the file ends early (truncated?)")
     if isinstance(failure, pickle.UnpicklingError):  # torch's advice (weights_only=False) would run the file's code
-        raise WeightsError(f"cannot read {kind} {path}: it holds Python objects other than tensors and plain "
-                           f"containers, which are not loaded (they could run code); is it a {kind} at all?")
-    raise WeightsError(f"cannot read {kind} {path}: {_first_line(failure)}")
+        return WeightsError(f"cannot read {kind} {path}: it holds Python objects other than tensors and plain "
+                            f"containers, which are not loaded (they could run code); is it a {kind} at all?")
+    return WeightsError(f"cannot read {kind} {path}: {_first_line(failure)}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -240,9 +251,10 @@ def describe_file(path: str | Path) -> Optional[str]:
             and int.from_bytes(head[:SAFETENSORS_HEADER], "little") < size:
         return "a safetensors file: load it with safetensors.torch.load_file and torch.save the state dict"
     text = _as_text(head)
+    if text is not None and not text.strip():
+        return "a text file of white space only, not a file torch.save writes"
     if text is not None:
-        begins = text.strip().splitlines()[0][:TEXT_SHOWN] if text.strip() else ""
-        return f"a text file (it begins {begins!r}), not a file torch.save writes"
+        return f"a text file (it begins {text.strip().splitlines()[0][:TEXT_SHOWN]!r}), not a file torch.save writes"
     return f"binary data of no kind known here (it begins {head[:8].hex(' ')})"
 
 
