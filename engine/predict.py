@@ -449,7 +449,8 @@ def _write(done: Prediction, outputs: np.ndarray, out_dir: Path, labels: Labels,
 def output_paths(out_dir: Path, name: Path, save_scores: bool) -> list[Path]:
     """The files written for the input named ``name``: its label map, its overlay (and its scores)."""
     base = out_dir / name
-    return [base.with_name(base.name + suffix) for suffix in OUTPUT_SUFFIXES + (SCORES_SUFFIX,) * save_scores]
+    suffixes = OUTPUT_SUFFIXES + ((SCORES_SUFFIX,) if save_scores else ())
+    return [base.with_name(base.name + suffix) for suffix in suffixes]
 
 
 def read_upright(path: Path) -> Image.Image:

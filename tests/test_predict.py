@@ -294,6 +294,13 @@ def test_an_exif_turned_image_gets_the_map_of_its_upright_pixels(model, photo, t
     assert turned.shape == upright.shape and np.mean(turned != upright) < 1e-3  # equal up to float ties
 
 
+def test_an_image_with_unreadable_exif_data_is_segmented_as_stored(model, photo, tmp_path):
+    checkpoint, _ = model
+    photo.save(tmp_path / "odd.png", exif=b"Exif\x00\x00not a TIFF header")
+    assert predict(checkpoint, tmp_path / "out", str(tmp_path / "odd.png")) == 0
+    assert Image.open(tmp_path / "out" / "odd.png").size == photo.size
+
+
 def test_skip_existing_keeps_complete_outputs_and_writes_the_missing_ones(model, photo, tmp_path, capsys):
     checkpoint, _ = model
     (tmp_path / "in").mkdir()
