@@ -121,8 +121,8 @@ def data_of(folder: Path, config: dict[str, Any]) -> str:
     """What a run's data is compared by: a short hash of the fingerprint it recorded, or for a run folder without one
     (written before runs recorded it) its ``dataset.data_path``."""
     if not (folder / DATA_FILE).exists():
-        data_path = config.get("dataset", {}).get("data_path") if isinstance(config.get("dataset"), dict) else None
-        return f"{data_path} (no {DATA_FILE})"
+        dataset = config.get("dataset")
+        return f"{dataset.get('data_path') if isinstance(dataset, dict) else None} (no {DATA_FILE})"
     recorded = json.dumps(_read_json(folder / DATA_FILE), sort_keys=True)
     return hashlib.sha256(recorded.encode("utf-8")).hexdigest()[:DATA_HASH_CHARS]
 
