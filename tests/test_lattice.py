@@ -101,6 +101,22 @@ def test_images_of_a_batch_are_refined_as_if_alone():
         torch.testing.assert_close(batch[i], dense_crf_torch(images[i:i + 1], scores[i:i + 1])[0], rtol=0, atol=1e-6)
 
 
+# Maps refined side by side go through products with more columns than a map alone: the kernels may then pick
+# another vector width and add in another order (AVX2 and AVX-512 differ), so float32 results agree to rounding
+# (about 1e-6 after ten mean-field steps), not bit for bit.
+BATCHED_ATOL = 1e-5
+
+
+def assert_refined_alike(together: torch.Tensor, alone: torch.Tensor) -> None:
+    """Probabilities within BATCHED_ATOL, and the same label at every pixel whose two best classes are further apart
+    than the two results may differ."""
+    torch.testing.assert_close(together, alone, rtol=0, atol=BATCHED_ATOL)
+    top2 = alone.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * BATCHED_ATOL
+    assert decided.float().mean() > 0.99  # the claim covers nearly every pixel
+    assert torch.equal(together.argmax(1)[decided], alone.argmax(1)[decided])
+
+
 def test_score_maps_of_the_same_images_share_their_lattices_and_are_refined_as_if_alone():
     image, linear = camvid_inputs(3, 48, 6, 8)
     _, cluster = camvid_inputs(3, 48, 4, 8, seed=7)  # the cluster probe's map: other classes, other scores
@@ -109,7 +125,7 @@ def test_score_maps_of_the_same_images_share_their_lattices_and_are_refined_as_i
     shared = dense_crf_torch_shared(images, maps)
     assert [tuple(p.shape) for p in shared] == [(1, 6, 48, 48), (1, 4, 48, 48)]
     for probs, scores in zip(shared, maps):
-        assert torch.equal(probs, dense_crf_torch(images, scores))
+        assert_refined_alike(probs, dense_crf_torch(images, scores))
 
 
 def test_maps_of_as_many_classes_are_refined_together_as_if_alone():
@@ -119,7 +135,7 @@ def test_maps_of_as_many_classes_are_refined_together_as_if_alone():
     maps = [torch.from_numpy(linear)[None].expand(2, -1, -1, -1), torch.from_numpy(cluster)[None].repeat(2, 1, 1, 1)]
     maps[1][1] = -maps[1][1]  # a second image whose maps differ
     for probs, scores in zip(dense_crf_torch_shared(images, maps), maps):
-        assert torch.equal(probs, dense_crf_torch(images, scores))
+        assert_refined_alike(probs, dense_crf_torch(images, scores))
 
 
 def test_one_image_s_position_kernel_filters_a_batch_as_a_lattice_over_the_batch_would():
@@ -130,8 +146,9 @@ def test_one_image_s_position_kernel_filters_a_batch_as_a_lattice_over_the_batch
     xy = torch.stack([cols.reshape(-1), rows.reshape(-1)], 1).repeat(3, 1)
     batch = Permutohedral(xy, torch.arange(3).repeat_interleave(24 * 20))
     whole = Kernel(batch, kernel_normalizer(batch, len(xy), torch.device("cpu")), position.weight)
-    q = torch.rand(3, 24 * 20, 4)
-    assert torch.equal(position.message(q, Buffers(q.device)), whole.message(q, Buffers(q.device)))
+    q = torch.rand(3, 24 * 20, 4)  # the same sums; products of other shapes may add them in another order
+    torch.testing.assert_close(position.message(q, Buffers(q.device)), whole.message(q, Buffers(q.device)),
+                               rtol=1e-6, atol=1e-7)
     assert _crf_kernels(images)[0] is position  # built once per image size and device
 
 
