@@ -204,6 +204,16 @@ def test_wrongly_typed_override_is_named_instead_of_the_file():
     assert str(err.value) == "command-line override 'train.epoch=many': train.epoch must be an integer (got str \"many\")"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("gpu_ids=[a]", "gpu_ids[0] must be an integer"),  # an item of a list the override set
+    ("gpu_ids=[-1]", "gpu_ids must be GPU indices >= 0"),
+])
+def test_a_wrong_list_override_is_blamed_on_the_override(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ORIGINAL / "cocostuff8.json", [override])
+    assert str(err.value).startswith(f"command-line override {override!r}: {message}")
+
+
 def test_impossible_override_value_is_blamed_on_the_override():
     with pytest.raises(ConfigError, match=r"^command-line override 'training_coeff\.tau=0': training_coeff\.tau must "):
         load_config(ORIGINAL / "cocostuff8.json", ["training_coeff.tau=0"])

@@ -345,9 +345,10 @@ class _Source:
     origins: Mapping[str, str]  # dotted key -> the base file or the override that set it, as messages show it
 
     def of(self, key: str) -> str:
-        """Where ``key`` (or, for a section, its first key) was set."""
-        if key in self.origins:
-            return self.origins[key]
+        """Where ``key`` (an item ``key[i]`` of a list: where the list; a section: its first key) was set."""
+        for whole in (key, key.split("[", 1)[0]):
+            if whole in self.origins:
+                return self.origins[whole]
         return next((origin for k, origin in self.origins.items() if k.startswith(key + ".")), self.name)
 
 
