@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.cli import base_parser, config_from_args, run_main, sets_on_command_line
+from utils.cli import EXIT_FAILED, base_parser, config_from_args, run_main, sets_on_command_line
 from utils.config import NONE_WEIGHTS, Config, config_to_dict
 from utils.errors import ConfigError
 from utils.overrides import is_sweep
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     from engine.sweep import follow_sweep
-    from engine.train import LAST, TrainingDiverged, evaluate_run, train
+    from engine.train import LAST, RUN_LOCK, TrainingDiverged, evaluate_run, train
     from utils.distributed import World, launch
     from utils.tracking import Tracker, require_credentials, wandb_mode
 
@@ -71,9 +71,6 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     if args.test:
         evaluate_run(cfg, run_dir, fabric, make_tracker(None))
         return 0
-    if world.size > 1 and world.is_main:
-        print(f"data-parallel training on {world.size} processes ({fabric.device.type}): global batch "
-              f"{cfg.dataloader.batch_size} = {world.size} x {cfg.dataloader.batch_size // world.size} images")
     if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS and world.is_main:
         print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
               "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
@@ -83,10 +80,10 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     except TrainingDiverged as err:  # every process sees the same losses and stops; process 0 says why
         if world.is_main:
             print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if not world.is_main:
         return 0
-    written = [p for p in sorted(run_dir.iterdir()) if p.is_file()]
+    written = [p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != RUN_LOCK]
     print(f"\nwrote into {run_dir}:")
     for path in written:
         print(f"  {path}")

@@ -254,7 +254,7 @@ def setup(cfg: Config, run_dir: Path, fabric: Fabric, resume: bool = False) -> R
         return run
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.release(undo=not resume)  # a refused new run leaves nothing behind, not even its folder
         raise
 
 
@@ -342,6 +342,9 @@ def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Op
     """
     run = setup(cfg, run_dir, fabric, resume)
     world = run.world
+    if world.size > 1 and world.is_main:
+        print(f"data-parallel training on {world.size} processes ({fabric.device.type}): global batch "
+              f"{cfg.dataloader.batch_size} = {world.size} x {cfg.dataloader.batch_size // world.size} images")
     try:
         tracker = (make_tracker(run.wandb_run_id) if world.is_main
                    else Tracker(cfg.wandb, run_dir, {}, default_tag="", mode="disabled"))

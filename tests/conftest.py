@@ -1,7 +1,12 @@
 """Shared fixtures of the end-to-end tests: a tiny labelled image folder, the shipped demo options shrunk to it, and
 ViTs of two blocks where the depth does not matter."""
+import contextlib
 import functools
+import io
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +83,40 @@ def tiny_options(folder: Path, data_path: Path, **sections) -> Path:
     path = folder / "options.json"
     path.write_text(json.dumps(options))
     return path
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished tiny run: its run folder (which tests only read), the data it trained on, and what it printed."""
+
+    folder: Path
+    data: Path
+    out: str
+
+    def copy(self, tmp_path: Path, **sections) -> Path:
+        """The run's folder copied to ``tmp_path/output/tiny``, for a test that changes it (resumes it, breaks it);
+        returns the option file of the copy (``tiny_options`` of ``tmp_path``, ``sections`` updating it)."""
+        shutil.copytree(self.folder, tmp_path / "output" / "tiny")
+        return tiny_options(tmp_path, self.data, **sections)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_data, tmp_path_factory) -> FinishedRun:
+    """``run.py`` with ``tiny_options`` as they are (1 epoch of 4 iterations, validation every 2, shallow ViTs),
+    written under umask 022: the run most tests need, trained once per test session."""
+    import run
+    from utils.cli import run_main
+
+    folder = tmp_path_factory.mktemp("finished")
+    options, out = tiny_options(folder, tiny_data), io.StringIO()
+    previous = os.umask(0o022)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+            patch.setattr(model.ppap, "vit", functools.partial(vit, depth=SHALLOW_DEPTH))
+            assert run_main(run.main, ["--opt", str(options), "--debug"]) == 0
+    finally:
+        os.umask(previous)
+    return FinishedRun(folder / "output" / "tiny", tiny_data, out.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,28 @@
-"""Data-parallel processes (gloo on the CPU, spawned as torchrun would start them) compute what one process computes."""
-import pytest
-import torch
-
+"""Data-parallel processes (gloo on the CPU, started with the variables torchrun or srun gives them) compute what
+one process computes."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+import torch
+
+import eval as eval_script
+import run
 from dataset import EpochSampler, SeededSamples, build_dataset, make_loader
+from engine.checkpoint import load_checkpoint
 from loss import PPAPLoss
+from tests.conftest import ROOT, SHALLOW_DEPTH, tiny_options
 from tests.test_loss import clustered, unit_z
-from tests.conftest import tiny_options
-from tests.world import run_in_world
+from tests.test_signals import WAIT_S, alive, children, wait_for
+from tests.world import finish_program, run_in_world, run_program, start_program
+from utils.cli import run_main
 from utils.config import TrainingCoeff, load_config
 from utils.distributed import ONE_PROCESS
 
@@ -99,32 +112,17 @@ def test_random_crops_depend_on_the_image_position_not_on_the_loader_workers(tin
     assert not torch.equal(reference[0], reference[1])
 
 
-# ---- whole programs under torchrun: 2 processes on the CPU (gloo) against 1 ----
-
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from engine.checkpoint import load_checkpoint  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
-from tests.test_signals import WAIT_S, alive, children, wait_for  # noqa: E402
-
-RUN_S = 300  # bound of one tiny program run; they take seconds
-
-
-def program(*args: str, processes: int = 1, **kwargs) -> subprocess.CompletedProcess:
-    """``python run.py ...`` or ``torchrun --standalone --nproc_per_node=N run.py ...``."""
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    return subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=RUN_S, **kwargs)
+# ---- whole programs: 2 processes on the CPU (gloo) against 1 ----
 
 
 def train_lines(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
+def report_without_time(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert report.pop("seconds")["total"] > 0  # how long it took: the one key that may differ
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +136,28 @@ def five_val_images(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(five_val_images, tmp_path_factory):
-    """One process for 2 epochs; 2 processes for the first epoch, then 1 process resuming it for the second."""
+def runs(shallow_vit, five_val_images, tmp_path_factory):
+    """One process for 2 epochs; 2 processes for the first epoch (their final evaluation after CRF), its last.pth
+    evaluated again by one process, then 1 process resuming the run for the second epoch."""
     folder = tmp_path_factory.mktemp("runs")
     one = tiny_options(folder / "one", five_val_images, train={"epoch": 2})
-    two = tiny_options(folder / "two", five_val_images, train={"epoch": 1})
-    for options, processes in ((one, 1), (two, 2)):
-        done = program("run.py", "--opt", str(options), "--debug", processes=processes)
-        assert done.returncode == 0, done.stderr
-    resumed = program("run.py", "--opt", str(two), "--debug", "--resume", "train.epoch=2")
-    assert resumed.returncode == 0, resumed.stderr
-    return folder / "one" / "output" / "tiny", folder / "two" / "output" / "tiny", done
+    two = tiny_options(folder / "two", five_val_images, train={"epoch": 1}, eval={"is_crf": True, "crf_workers": 1})
+    assert run_main(run.main, ["--opt", str(one), "--debug"]) == 0
+    ended = run_program("run", ["--opt", str(two), "--debug"], folder / "console", size=2, depth=SHALLOW_DEPTH)
+    assert [e.status for e in ended] == [0, 0], ended[0].err + ended[1].err
+    two_dir = folder / "two" / "output" / "tiny"
+    assert run_main(eval_script.main, ["--checkpoint", str(two_dir / "last.pth"), "--out", str(folder / "alone"),
+                                       "--debug"]) == 0
+    reports = [report_without_time(path) for path in (two_dir / "last_eval_report.json",
+                                                      folder / "alone" / "eval_report.json")]
+    assert run_main(run.main, ["--opt", str(two), "--debug", "--resume", "train.epoch=2", "eval.is_crf=false"]) == 0
+    return folder / "one" / "output" / "tiny", two_dir, ended, reports
 
 
 def test_two_processes_train_as_one_with_feature_dropout(runs):
-    one, two, two_processes = runs
-    assert "data-parallel training on 2 processes (cpu): global batch 4 = 2 x 2 images" in two_processes.stdout
-    assert two_processes.stdout.count("[VAL]") == 2 and two_processes.stdout.count("iter      1 |") == 1  # process 0
+    one, two, (main, other), _ = runs
+    assert "data-parallel training on 2 processes (cpu): global batch 4 = 2 x 2 images" in main.out
+    assert main.out.count("[VAL]") == 2 and main.out.count("iter      1 |") == 1 and other.out == ""  # process 0
     single, split = train_lines(one), train_lines(two)
     assert [r["iter"] for r in split] == [r["iter"] for r in single] == list(range(1, 9))
     assert split[0].keys() == single[0].keys()
@@ -164,7 +167,7 @@ def test_two_processes_train_as_one_with_feature_dropout(runs):
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process_to_the_same_weights(runs):
-    one, two, _ = runs
+    one, two, _, _ = runs
     a, b = load_checkpoint(one / "last.pth"), load_checkpoint(two / "last.pth")
     assert a.keys() == b.keys()
     for part in ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict"):
@@ -177,50 +180,77 @@ def test_a_two_process_checkpoint_resumes_on_one_process_to_the_same_weights(run
             assert float((value - other).norm()) <= 1e-3 * float(value.norm()) + 1e-7, (part, key)
 
 
-def test_two_processes_evaluate_every_image_once_as_one_does(runs, tmp_path):
-    one, _, _ = runs
-    reports = []
-    for processes in (1, 2):
-        out = tmp_path / str(processes)
-        done = program("eval.py", "--checkpoint", str(one / "last.pth"), "--out", str(out), "eval.is_crf=true",
-                       "eval.crf_workers=1", processes=processes)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.count("images of directory val") == 1
-        report = json.loads((out / "eval_report.json").read_text())
-        assert report.pop("seconds")["total"] > 0  # how long it took: the one key that may differ
-        reports.append(report)
-    assert reports[0]["n_images"] == 5
-    assert reports[0] == reports[1]  # metrics and per-class IoU before and after CRF, exactly
+def test_two_processes_evaluate_every_image_once_as_one_does(runs):
+    _, _, (main, _), (two_processes, one_process) = runs
+    assert main.out.count("5 images of directory val") == 1
+    assert two_processes["n_images"] == 5 and two_processes["crf"]
+    assert two_processes == one_process  # metrics and per-class IoU before and after CRF, exactly
 
 
 @pytest.mark.parametrize("override, message", [
     ("dataset.data_path=/nonexistent/data", "error: /nonexistent/data not found"),
     ("dataloader.batch_size=3", "error: dataloader.batch_size (3) is the global batch and must be a multiple"),
 ])
-def test_a_user_error_under_torchrun_ends_every_process_with_status_2_and_one_message(tiny_data, tmp_path,
-                                                                                        override, message):
+def test_a_user_error_of_two_processes_ends_both_with_status_2_and_one_message(tiny_data, tmp_path, override,
+                                                                               message):
     options = tiny_options(tmp_path, tiny_data)
-    done = program("run.py", "--opt", str(options), "--debug", override, processes=2)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(message), done.stderr
-    assert len(re.findall(r"exitcode\s*: 2 ", done.stderr)) == 2, done.stderr  # torchrun: both processes ended with 2
-    assert done.returncode != 0
-    assert not (tmp_path / "output" / "tiny" / "config.json").exists()
+    ended = run_program("run", ["--opt", str(options), "--debug", override], tmp_path / "console", size=2)
+    errors = [line for e in ended for line in e.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), ended
+    assert [e.status for e in ended] == [2, 2]
+    assert "data-parallel training" not in ended[0].out  # the launch's summary comes only for a run that starts
+    assert not (tmp_path / "output").exists()
 
 
-def test_killing_one_of_two_processes_ends_the_other(tiny_data, tmp_path):
+def test_when_one_of_two_processes_is_killed_the_other_says_so_in_one_line(tiny_data, tmp_path):
     options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000})
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "run.py", "--opt", str(options), "--debug"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    processes = start_program("run", ["--opt", str(options), "--debug"], tmp_path / "console", size=2,
+                              depth=SHALLOW_DEPTH)
+    try:
+        wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
+    finally:
+        os.kill(processes[1].pid, signal.SIGKILL)
+    main, _ = finish_program(processes, tmp_path / "console")
+    assert main.status == 1 and "Traceback" not in main.err, main.err
+    assert main.err.strip().splitlines()[-1].startswith(
+        "error: process 0: another process of this run has ended, so this one stops too (")
+
+
+# ---- the launcher itself: torchrun as a user starts it (slow: it and each process import torch) ----
+
+def torchrun(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_torchrun_reports_a_user_error_of_each_process_as_status_2(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    process = torchrun("run.py", "--opt", str(options), "--debug", "dataset.data_path=/nonexistent/data")
+    _, err = process.communicate(timeout=WAIT_S)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: /nonexistent/data not found"), err
+    assert len(re.findall(r"exitcode\s*: 2 ", err)) == 2, err  # torchrun: both processes ended with 2
+    assert process.returncode != 0
+
+
+@pytest.mark.slow
+def test_under_torchrun_killing_one_of_two_processes_ends_the_other_with_one_line(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000})
+    launcher = torchrun("run.py", "--opt", str(options), "--debug", start_new_session=True)
     try:
         wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
         workers = children(launcher.pid)
         rank = {int(re.search(rb"(?:^|\0)RANK=(\d+)", Path(f"/proc/{pid}/environ").read_bytes()).group(1)): pid
                 for pid in workers}
         os.kill(rank[1], signal.SIGKILL)
-        launcher.communicate(timeout=WAIT_S)
+        _, err = launcher.communicate(timeout=WAIT_S)
         assert launcher.returncode != 0
-        wait_for(lambda: not alive(rank[0]), "process 0 to end", timeout=10)
+        wait_for(lambda: not alive(rank[0]), "process 0 to end")
     finally:
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    survivor = [line for line in err.splitlines()
+                if line == "terminated (SIGTERM)" or line.startswith("error: process 0: another process")]
+    assert len(survivor) == 1, err  # it says why it stops: torchrun's SIGTERM, or its peer's end if that came first
+    assert re.search(r"rank\s*: 0 .*\n\s*exitcode\s*: (143|1) ", err), err
+    assert err.count("Traceback") == 1 and "ChildFailedError" in err and "pair.cc" not in err, err  # torchrun's own

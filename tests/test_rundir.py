@@ -1,11 +1,11 @@
 """A run owns its directory: concurrent runs, refused resumes, leftovers of killed runs, permissions, the filesystem."""
 import errno
 import json
+import logging
 import os
 import shutil
+import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ import eval as eval_script
 import run
 import utils.files
 from tests.conftest import patch_ppap_loss, tiny_options
+from tests.test_signals import WAIT_S
+from tests.world import fork
 from utils.cli import run_main
 from utils.files import FolderLock
 
@@ -47,19 +49,35 @@ def test_second_run_into_a_busy_run_directory_is_refused_from_its_first_moment(t
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the second run was written
 
 
-def test_run_directory_of_a_killed_run_is_not_left_locked(tiny_data, tmp_path):
-    options = tiny_options(tmp_path, tiny_data)
+def lock_and_die(run_dir: Path) -> None:
+    FolderLock(run_dir / engine.train.RUN_LOCK).acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_refused_first_run_leaves_no_folder_behind(tiny_data, tmp_path, capsys):
+    options = tiny_options(tmp_path, tiny_data, dataset={"data_path": str(tmp_path / "missing")})
+    assert train(options) == 2  # refused once it owns its folder: the data is not there
+    assert "missing not found" in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()
+
+
+def test_a_run_lists_the_files_it_wrote_not_its_lock(finished_run):
+    listed = finished_run.out.split("wrote into")[1].splitlines()
+    assert any(line.endswith("last.pth") for line in listed) and any(line.endswith("config.json") for line in listed)
+    assert not any(line.endswith(engine.train.RUN_LOCK) for line in listed)
+
+
+def test_run_directory_of_a_killed_run_is_not_left_locked(tmp_path):
     run_dir = tmp_path / "output" / "tiny"
-    script = f"from utils.files import FolderLock; import os; FolderLock(__import__('pathlib').Path({str(run_dir)!r}) " \
-             f"/ '.lock').acquire(); os.kill(os.getpid(), 9)"
-    subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
-    assert (run_dir / ".lock").read_text().split()[0] != str(os.getpid())  # the killed holder's pid
-    assert train(options) == 0
+    holder = fork(lock_and_die, run_dir)
+    holder.join()
+    assert holder.exitcode == -signal.SIGKILL
+    assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)  # the killed holder's
+    engine.train.own_run_dir(run_dir).release()  # what a run does first: it may have the folder
 
 
-def test_refused_resume_leaves_the_run_directory_untouched(tiny_data, tmp_path):
-    options = tiny_options(tmp_path, tiny_data)
-    assert train(options) == 0
+def test_refused_resume_leaves_the_run_directory_untouched(finished_run, tmp_path):
+    options = finished_run.copy(tmp_path)
     run_dir = tmp_path / "output" / "tiny"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert train(options, "--resume", "training_coeff.tau=0.5") == 2
@@ -81,9 +99,8 @@ def test_resume_trims_the_log_to_the_checkpoint_iteration(tiny_data, tmp_path, m
     assert [r["iter"] for r in records if r["type"] == "val"] == [2, 4, 6, 8]
 
 
-def test_temporaries_of_a_killed_checkpoint_write_are_removed_when_the_run_resumes(tiny_data, tmp_path):
-    options = tiny_options(tmp_path, tiny_data)
-    assert train(options) == 0
+def test_temporaries_of_a_killed_checkpoint_write_are_removed_when_the_run_resumes(finished_run, tmp_path):
+    options = finished_run.copy(tmp_path)
     run_dir = tmp_path / "output" / "tiny"
     leftover = run_dir / ".last.pth.0badf00d.tmp"
     leftover.write_bytes(b"half a checkpoint")
@@ -93,14 +110,8 @@ def test_temporaries_of_a_killed_checkpoint_write_are_removed_when_the_run_resum
     assert not leftover.exists() and kept.exists()
 
 
-def test_checkpoints_are_readable_as_widely_as_the_other_outputs(tiny_data, tmp_path):
-    previous = os.umask(0o022)
-    try:
-        assert train(tiny_options(tmp_path, tiny_data)) == 0
-    finally:
-        os.umask(previous)
-    run_dir = tmp_path / "output" / "tiny"
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run_dir.iterdir() if p.is_file()}
+def test_checkpoints_are_readable_as_widely_as_the_other_outputs(finished_run):
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in finished_run.folder.iterdir() if p.is_file()}
     assert modes["last.pth"] == modes["best.pth"] == modes["config.json"] == 0o644
 
 
@@ -114,10 +125,9 @@ def test_output_dir_under_a_file_is_one_line_naming_it_and_status_2(tiny_data, t
 
 
 @pytest.mark.parametrize("failure", ["oserror", "torch_runtime_error"])
-def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch,
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(finished_run, tmp_path, monkeypatch,
                                                                               capsys, failure):
-    options = tiny_options(tmp_path, tiny_data, train={"epoch": 2})
-    assert train(options, "train.epoch=1") == 0
+    options = finished_run.copy(tmp_path, train={"epoch": 2})
     run_dir = tmp_path / "output" / "tiny"
     before = (run_dir / "last.pth").read_bytes()
     real_save = torch.save
@@ -137,12 +147,10 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ti
     assert not list(run_dir.glob(".*.tmp"))
 
 
-def test_eval_out_naming_or_under_a_file_is_one_line(tiny_data, tmp_path, capsys):
-    options = tiny_options(tmp_path, tiny_data)
-    assert train(options) == 0
+def test_eval_out_naming_or_under_a_file_is_one_line(finished_run, tmp_path, capsys):
     out = tmp_path / "report_file"
     out.write_text("")
-    checkpoint = str(tmp_path / "output" / "tiny" / "last.pth")
+    checkpoint = str(finished_run.folder / "last.pth")
     assert run_main(eval_script.main, ["--checkpoint", checkpoint, "--debug", "--out", str(out)]) == 2
     assert run_main(eval_script.main, ["--checkpoint", checkpoint, "--debug", "--out", str(out / "sub")]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -166,15 +174,22 @@ def test_log_lines_are_strict_json_even_when_a_value_is_not_finite(tiny_data, tm
     assert [r["grad_norm"] is None for r in records if r["type"] == "train"] == [True, False, True, False]
 
 
+def generate_demo_data(root: Path, log: Path) -> None:
+    """A program's first run on the demo set, its stderr (where the generation is announced) into ``log``."""
+    from dataset.demo import ensure_demo_data
+
+    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    logging.basicConfig(level=logging.INFO, force=True)
+    ensure_demo_data(root, splits={"train": 6, "val": 2})
+
+
 def test_two_first_runs_generate_the_demo_data_once(tmp_path):
-    script = ("import sys; from dataset.demo import ensure_demo_data; "
-              "ensure_demo_data(sys.argv[1], splits={'train': 6, 'val': 2})")
-    root = Path(__file__).parents[1]
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "demo")], cwd=root,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
-    assert [status for status, _ in results] == [0, 0], results
-    assert sum("generated the demo set" in err for _, err in results) <= 1
+    processes = [fork(generate_demo_data, tmp_path / "demo", tmp_path / f"{i}.err") for i in range(2)]
+    for p in processes:
+        p.join(timeout=WAIT_S)
+    assert [p.exitcode for p in processes] == [0, 0]
+    logs = [(tmp_path / f"{i}.err").read_text() for i in range(2)]
+    assert sum("generated the demo set" in log for log in logs) == 1, logs
     assert len(list((tmp_path / "demo" / "imgs" / "train").iterdir())) == 6
 
 

@@ -1,8 +1,10 @@
 """What clusters and terminals send: SIGTERM, SIGHUP, Ctrl-C to a process group, SIGKILL. Real processes here."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,11 +13,12 @@ import torch
 
 import run
 from engine.checkpoint import load_checkpoint
-from tests.conftest import ROOT, TINY_COLORS, random_checkpoint, tiny_options
+from tests.conftest import ROOT, SHALLOW_DEPTH, TINY_COLORS, random_checkpoint, tiny_options
+from tests.world import Ended, finish_program, start_program
 from utils.cli import run_main
 
-CRF_VAL_IMAGES = 32  # enough CRF work (about 5 s with two workers) to be interrupted in the middle of it
-WAIT_S = 60  # upper bound for anything to happen; the tests pass in seconds
+CRF_VAL_IMAGES = 32  # enough CRF work (seconds with two workers) that a signal sent when they start finds them at it
+WAIT_S = 600  # upper bound for anything to happen, however busy the machine; the tests pass in seconds
 
 
 def children(pid: int) -> list[int]:
@@ -47,17 +50,29 @@ def wait_for(condition, what: str, timeout: float = WAIT_S) -> None:
         time.sleep(0.1)
 
 
-def as_in_a_terminal() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the tests may run under nohup, whose SIG_IGN is inherited
+class Job:
+    """``python {script}.py *args`` started from a terminal: a process group of its own, SIGHUP at its default (or
+    ignored, as ``nohup`` starts it), stdout and stderr kept (tests/world.py forks it with torch imported)."""
 
+    def __init__(self, script: str, *args: str, folder: Path, nohup: bool = False) -> None:
+        self.folder = folder
+        (self.process,) = start_program(script, args, folder, depth=SHALLOW_DEPTH, new_session=True, nohup=nohup)
+        self.pid = self.process.pid
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
+    def end(self) -> Ended:
+        """Wait for the program to end."""
+        (ended,) = finish_program([self.process], self.folder)
+        return ended
+
+    def wait_for(self, condition, what: str) -> None:
+        """``wait_for`` that fails at once, with the program's stderr, if the program ends first."""
+        wait_for(lambda: condition() or not self.process.is_alive(), what)
+        if not condition():
+            raise AssertionError(f"the program ended before {what}:\n{self.end().err}")
 
 
 @pytest.fixture(scope="module")
-def crf_checkpoint(tiny_data, tmp_path_factory):
+def crf_checkpoint(shallow_vit, tiny_data, tmp_path_factory):
     """A checkpoint carrying its options, and a validation set large enough for seconds of CRF work."""
     from PIL import Image
     import numpy as np
@@ -84,26 +99,26 @@ def crf_workers_of(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False),  # kill, timeout
                                              (signal.SIGHUP, True)])  # the terminal closes: the whole job
-def test_termination_during_crf_ends_eval_with_one_line_and_no_worker_left(crf_checkpoint, signum, to_group):
-    process = start("eval.py", "--checkpoint", str(crf_checkpoint), "--debug")
-    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
-    workers = children(process.pid)
-    time.sleep(1.0)  # the pool is at work
-    os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
-    _, err = process.communicate(timeout=WAIT_S)
+def test_termination_during_crf_ends_eval_with_one_line_and_no_worker_left(crf_checkpoint, tmp_path, signum,
+                                                                          to_group):
+    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
+    job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
+    workers = children(job.pid)
+    os.killpg(job.pid, signum) if to_group else os.kill(job.pid, signum)
+    ended = job.end()
     name = signal.Signals(signum).name
-    assert process.returncode == 128 + signum
-    assert err.strip().splitlines()[-1] == f"terminated ({name})" and "Traceback" not in err, err
-    wait_for(lambda: not any(alive(w) for w in workers), "the workers to end", timeout=5)
+    assert ended.status == 128 + signum
+    assert ended.err.strip().splitlines()[-1] == f"terminated ({name})" and "Traceback" not in ended.err, ended.err
+    wait_for(lambda: not any(alive(w) for w in workers), "the workers to end")
 
 
-def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint):
-    process = start("eval.py", "--checkpoint", str(crf_checkpoint), "--debug")
-    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
-    workers = children(process.pid)
-    process.kill()  # SIGKILL: no handler runs, nothing is cleaned up by the dying process
-    process.communicate(timeout=WAIT_S)
-    wait_for(lambda: not any(alive(w) for w in workers), "the orphaned workers to end", timeout=5)
+def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint, tmp_path):
+    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
+    job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
+    workers = children(job.pid)
+    os.kill(job.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up by the dying process
+    assert job.end().status == -signal.SIGKILL
+    wait_for(lambda: not any(alive(w) for w in workers), "the orphaned workers to end")
 
 
 @pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
@@ -111,12 +126,12 @@ def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint):
 def test_termination_during_training_exits_with_its_status_and_intact_files(tiny_data, tmp_path, signum, status,
                                                                             line):
     options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000, "valid_freq": 2})
-    process = start("run.py", "--opt", str(options), "--debug")
+    job = Job("run", "--opt", str(options), "--debug", folder=tmp_path / "console")
     last = tmp_path / "output" / "tiny" / "last.pth"
-    wait_for(last.exists, "the first checkpoint")
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == status and err.strip().splitlines()[-1] == line and "Traceback" not in err
+    job.wait_for(last.exists, "the first checkpoint")
+    os.kill(job.pid, signum)
+    ended = job.end()
+    assert ended.status == status and ended.err.strip().splitlines()[-1] == line and "Traceback" not in ended.err
     assert load_checkpoint(last)["iter"] >= 2
     assert not list(last.parent.glob(".*.tmp"))
 
@@ -125,11 +140,12 @@ def test_termination_during_training_exits_with_its_status_and_intact_files(tiny
                                           (signal.SIGTERM, "terminated (SIGTERM)")])  # SLURM's scancel
 def test_a_signal_to_the_whole_job_with_loader_workers_prints_one_line(tiny_data, tmp_path, signum, line):
     options = tiny_options(tmp_path, tiny_data, dataloader={"num_workers": 2}, train={"epoch": 1000})
-    process = start("run.py", "--opt", str(options), "--debug")
-    wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
-    os.killpg(process.pid, signum)  # to every process of the job: the workers get it too
-    _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 128 + signum
+    job = Job("run", "--opt", str(options), "--debug", folder=tmp_path / "console")
+    job.wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
+    os.killpg(job.pid, signum)  # to every process of the job: the workers get it too
+    ended = job.end()
+    assert ended.status == 128 + signum
+    err = ended.err
     assert err.strip().splitlines()[-1] == line and "Traceback" not in err and "Exception ignored" not in err, err
 
 
@@ -139,8 +155,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, t
     real_save = torch.save
 
     def interrupted_save(obj, f):  # Ctrl-C arrives in the middle of the write
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        signal_this_process(signal.SIGINT)
         real_save(obj, f)
 
     monkeypatch.setattr(utils.files.torch, "save", interrupted_save)
@@ -164,30 +179,41 @@ def test_a_nohup_run_keeps_ignoring_sighup():
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf_checkpoint):
-    process = subprocess.Popen([sys.executable, "eval.py", "--checkpoint", str(crf_checkpoint), "--debug"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
-    wait_for(lambda: len(crf_workers_of(process.pid)) == 2, "the CRF workers")
-    time.sleep(1.0)  # the pool is at work
-    os.killpg(process.pid, signal.SIGHUP)  # the terminal closes: every process of the job gets it
-    _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 0, err
+def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf_checkpoint, tmp_path):
+    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path,
+              nohup=True)
+    job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
+    os.killpg(job.pid, signal.SIGHUP)  # the terminal closes: every process of the job gets it
+    ended = job.end()
+    assert ended.status == 0, ended.err
+    assert json.loads((tmp_path / "eval_report.json").read_text())["crf"]  # the workers refined every map
 
 
 def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback():
     script = ("import multiprocessing, os, time\n"
               "from dataset.crop import _init_worker\n"
-              "pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))\n"
+              "def init(*args):  # the pool's initializer, then word that this worker waits for tasks\n"
+              "    _init_worker(*args)\n"
+              "    started.release()\n"
+              "started = multiprocessing.get_context().Semaphore(0)\n"
+              "pool = multiprocessing.get_context().Pool(2, init, (None, os.getpid()))\n"
+              "for _ in range(2):\n"
+              "    started.acquire()\n"
               "print('ready', flush=True)\n"
-              "time.sleep(60)\n")
+              "time.sleep(600)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    process.stdout.readline()
-    time.sleep(0.5)  # the workers wait for tasks
+    assert process.stdout.readline() == "ready\n"  # both workers wait for tasks
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=WAIT_S)
     assert "ForkPoolWorker" not in err  # a worker that took Ctrl-C prints "Process ForkPoolWorker-1: Traceback"
+
+
+def signal_this_process(signum: int) -> None:
+    """Send ``signum`` to this process's main thread, the one that runs Python's handlers: it arrives before
+    this call returns and its handler runs at the next bytecode (a signal to the process may be delivered to another
+    thread, which a busy machine may not run for a while)."""
+    signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 class _LostSignal:
@@ -195,9 +221,7 @@ class _LostSignal:
     exceptions, as it does while data-loader workers are forked."""
 
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(1000):  # bytecodes for the handler to run on, still inside the finalizer
-            pass
+        signal_this_process(signal.SIGTERM)
 
 
 def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tiny_data, tmp_path, monkeypatch, capsys):
@@ -221,13 +245,15 @@ def test_terminating_a_busy_forked_pool_prints_no_worker_traceback():
               "from dataset.crop import _init_worker\n"
               "from utils import signals\n"
               "def busy(i):\n"
-              "    end = time.time() + 3\n"
-              "    while time.time() < end:\n"
+              "    started.release()\n"
+              "    while True:\n"
               "        sum(range(1000))\n"
+              "started = multiprocessing.get_context().Semaphore(0)\n"
               "with signals.handled():  # the handlers a forked worker inherits, as under run_main\n"
               "    pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))\n"
-              "    pool.map_async(busy, range(4))\n"
-              "    time.sleep(0.7)\n"
+              "    pool.map_async(busy, range(2), chunksize=1)\n"
+              "    for _ in range(2):\n"
+              "        started.acquire()  # both workers are busy\n"
               "    pool.terminate()  # SIGTERM to the busy workers, as a pool's exit sends it\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

@@ -77,9 +77,15 @@ def test_train_line_reports_losses_anchor_statistics_and_speed(trained):
     assert record["loss"] == pytest.approx(record["ppap"] + record["linear"] + record["cluster"], rel=1e-5)
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tiny_data, tmp_path, monkeypatch):
-    whole = tiny_options(tmp_path / "whole", tiny_data, train={"epoch": 2})
-    assert train(whole) == 0
+@pytest.fixture(scope="module")
+def two_epochs(tiny_data, tmp_path_factory) -> Path:
+    """The run folder of a tiny run of two epochs (8 iterations) without interruption."""
+    folder = tmp_path_factory.mktemp("whole")
+    assert train(tiny_options(folder, tiny_data, train={"epoch": 2})) == 0
+    return folder / "output" / "tiny"
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(two_epochs, tiny_data, tmp_path, monkeypatch):
     broken = tiny_options(tmp_path / "broken", tiny_data, train={"epoch": 2})
     patch_ppap_loss(monkeypatch, interrupt_at=4)  # Ctrl-C in iteration 4: last.pth holds iteration 2
     assert train(broken) == 130
@@ -87,30 +93,27 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tiny_data, tm
     monkeypatch.undo()
     assert train(broken, "--resume") == 0
     for name in ("last.pth", "best.pth"):
-        a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / name)
+        a = load_checkpoint(two_epochs / name)
         b = load_checkpoint(tmp_path / "broken" / "output" / "tiny" / name)
         assert a["iter"] == b["iter"]
         for key in RELEASED_KEYS:
             assert states_equal(a[key], b[key]), (name, key)
 
 
-def test_training_n_then_resuming_to_2n_equals_training_2n(tiny_data, tmp_path):
-    whole = tiny_options(tmp_path / "whole", tiny_data, train={"epoch": 2})
-    assert train(whole) == 0
-    half = tiny_options(tmp_path / "half", tiny_data, train={"epoch": 1})
-    assert train(half) == 0
+def test_training_n_then_resuming_to_2n_equals_training_2n(two_epochs, finished_run, tmp_path):
+    half = finished_run.copy(tmp_path)  # one epoch
     assert train(half, "--resume", "train.epoch=2") == 0
-    a = load_checkpoint(tmp_path / "whole" / "output" / "tiny" / "last.pth")
-    b = load_checkpoint(tmp_path / "half" / "output" / "tiny" / "last.pth")
+    a = load_checkpoint(two_epochs / "last.pth")
+    b = load_checkpoint(tmp_path / "output" / "tiny" / "last.pth")
     assert a["iter"] == b["iter"] == 8
     assert all(states_equal(a[key], b[key]) for key in RELEASED_KEYS)
     assert a["net_optimizer_state_dict"]["state"].keys() == b["net_optimizer_state_dict"]["state"].keys()
 
 
-def test_same_seed_gives_the_same_numbers(tiny_data, tmp_path):
-    for name in ("a", "b"):
-        assert train(tiny_options(tmp_path / name, tiny_data)) == 0
-    logs = [(tmp_path / n / "output" / "tiny" / "log.jsonl").read_text().splitlines() for n in ("a", "b")]
+def test_same_seed_gives_the_same_numbers(finished_run, tiny_data, tmp_path):
+    assert train(tiny_options(tmp_path, tiny_data)) == 0  # finished_run's options
+    logs = [(folder / "log.jsonl").read_text().splitlines() for folder in (finished_run.folder,
+                                                                          tmp_path / "output" / "tiny")]
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "images_per_s"}  # noqa: E731
     assert [strip(x) for x in logs[0]] == [strip(x) for x in logs[1]]
 

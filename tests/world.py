@@ -1,14 +1,31 @@
-"""Run a function in N processes that form a gloo process group on this machine, as torchrun would start them."""
+"""Run a function, or a whole program (run.py, eval.py), in N processes that form a gloo process group on this
+machine, with the environment torchrun or srun gives them.
+
+The processes are forked from a forkserver that imported torch, Lightning Fabric and the engine once for the whole
+test session: a world starts in a fraction of a second instead of the seconds each process would spend importing
+them. Each process gets its launcher's variables when it starts; the forkserver's own environment is the test
+process's at the moment the first world started.
+"""
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import pickle
+import signal
 import socket
+import sys
 import traceback
-from typing import Any, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-WORLD_TIMEOUT_S = 120
+ROOT = Path(__file__).resolve().parents[1]
+WORLD_TIMEOUT_S = 600  # bound of one world's work on a busy machine; the tests' worlds take seconds
+# imported once, by the forkserver, for every process of every world
+PRELOAD = ("torch", "lightning_fabric", "utils.distributed", "utils.cli", "engine.train", "engine.evaluate", "loss",
+           "model", "dataset", "run", "eval")
 
 
 def free_port() -> int:
@@ -34,14 +51,43 @@ def srun_env(rank: int, size: int, port: int) -> dict[str, str]:
 LAUNCHERS = {"torchrun": torchrun_env, "srun": srun_env}
 
 
-def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, launcher: str) -> None:
+@functools.lru_cache(maxsize=1)
+def _context() -> multiprocessing.context.ForkServerContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    # the forkserver imports the project as the tests do (Python 3.11 does not pass it the tests' sys.path)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), before) if p)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    return ctx
+
+
+def _become(rank: int, size: int, port: int, launcher: str) -> None:
+    """This process as the launcher would have started it: its variables, one thread (torchrun's default)."""
     for name in [k for k in os.environ if k.startswith("SLURM_")]:  # the tests may run inside a SLURM job
         del os.environ[name]
     os.environ.update(LAUNCHERS[launcher](rank, size, port))
-    try:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
+
+
+def fork(fn: Callable, *args: Any) -> multiprocessing.Process:
+    """A started process that runs ``fn(*args)`` (importable, picklable arguments), forked from the forkserver."""
+    process = _context().Process(target=fn, args=args)
+    process.start()
+    return process
+
+
+def _function_child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, launcher: str) -> None:
+    _become(rank, size, port, launcher)
+    try:
         from utils.distributed import World, launch
 
         # plain pickle: the queue's own would share tensors by a handle that dies with this process
@@ -51,13 +97,14 @@ def _child(fn: Callable, rank: int, size: int, port: int, args: tuple, results, 
 
 
 def run_in_world(fn: Callable, size: int, *args: Any, launcher: str = "torchrun") -> list[Any]:
-    """``fn(world, *args)`` in ``size`` spawned processes (gloo, CPU) with the environment ``launcher`` ("torchrun"
-    or "srun") gives them; returns the results in rank order.
+    """``fn(world, *args)`` in ``size`` processes (gloo, CPU) with the environment ``launcher`` ("torchrun" or
+    "srun") gives them; returns the results in rank order.
 
     ``fn`` must be importable (a module-level function) and its arguments and result picklable."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     results, port = ctx.Queue(), free_port()
-    processes = [ctx.Process(target=_child, args=(fn, rank, size, port, args, results, launcher)) for rank in range(size)]
+    processes = [ctx.Process(target=_function_child, args=(fn, rank, size, port, args, results, launcher))
+                 for rank in range(size)]
     for p in processes:
         p.start()
     try:
@@ -69,7 +116,83 @@ def run_in_world(fn: Callable, size: int, *args: Any, launcher: str = "torchrun"
             out[rank] = pickle.loads(value)
         return [out[rank] for rank in range(size)]
     finally:
+        _end(processes)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How one process of a program ended: its exit status and what it wrote to stdout and stderr."""
+
+    status: Optional[int]
+    out: str
+    err: str
+
+
+def _program_child(script: str, argv: Sequence[str], rank: int, size: int, port: int, launcher: Optional[str],
+                   outputs: Path, depth: Optional[int], new_session: bool, nohup: bool) -> None:
+    # the start method a program started with python has (this process inherited the forkserver's): its data
+    # loaders and pools fork from it
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    if new_session:  # as subprocess.Popen(start_new_session=True): a process group of its own, to signal as a job
+        os.setsid()
+    # a terminal's default, or nohup's (whatever the test process was started with)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
+    if launcher is not None:
+        _become(rank, size, port, launcher)
+    for fd, stream in ((1, "out"), (2, "err")):  # this process's own stdout and stderr, as a launcher keeps them
+        file = os.open(outputs / f"{rank}.{stream}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(file, fd)
+        os.close(file)
+    if depth is not None:  # the tests' shallow ViTs (conftest.shallow_vit)
+        import model.ppap
+        from model.vit import vit
+
+        model.ppap.vit = functools.partial(vit, depth=depth)
+    import importlib
+
+    from utils.cli import run_main
+
+    sys.exit(run_main(importlib.import_module(script).main, list(argv)))
+
+
+def start_program(script: str, argv: Sequence[str], outputs: Path, size: int = 1, launcher: str = "torchrun",
+                  depth: Optional[int] = None, new_session: bool = False,
+                  nohup: bool = False) -> list[multiprocessing.Process]:
+    """``python {script}.py *argv``, as one process or as ``size`` processes of one launch (``launcher``'s variables,
+    a fresh port); process r writes its stdout and stderr into ``outputs/r.out`` and ``outputs/r.err``. ``depth``:
+    the ViTs' depth, as the ``shallow_vit`` fixture sets it; ``new_session``: each in a session (and process group)
+    of its own; ``nohup``: SIGHUP ignored, as ``nohup`` starts a program. Returns the processes in rank order."""
+    ctx, port = _context(), free_port()
+    outputs.mkdir(parents=True, exist_ok=True)
+    processes = [ctx.Process(target=_program_child, args=(script, argv, rank, size, port,
+                                                          launcher if size > 1 else None, outputs, depth,
+                                                          new_session, nohup))
+                 for rank in range(size)]
+    for p in processes:
+        p.start()
+    return processes
+
+
+def finish_program(processes: list[multiprocessing.Process], outputs: Path) -> list[Ended]:
+    """Wait for the processes of ``start_program`` to end; how each ended, in rank order."""
+    try:
         for p in processes:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+            p.join(timeout=WORLD_TIMEOUT_S)
+    finally:
+        _end(processes)
+    return [Ended(p.exitcode, (outputs / f"{rank}.out").read_text(), (outputs / f"{rank}.err").read_text())
+            for rank, p in enumerate(processes)]
+
+
+def run_program(script: str, argv: Sequence[str], outputs: Path, size: int = 1, launcher: str = "torchrun",
+                depth: Optional[int] = None) -> list[Ended]:
+    """``start_program`` and ``finish_program``."""
+    return finish_program(start_program(script, argv, outputs, size, launcher, depth), outputs)
+
+
+def _end(processes: list[multiprocessing.Process]) -> None:
+    for p in processes:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()

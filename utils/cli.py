@@ -10,10 +10,11 @@ from typing import Callable, Optional, Sequence
 
 from utils.config import Config, load_config
 from utils import signals
-from utils.distributed import ReportedByMain, group_formed, process_rank
+from utils.distributed import ReportedByMain, group_formed, peer_lost, process_rank
 from utils.errors import UserError
 
 EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
+EXIT_FAILED = 1  # the run could not go on (a non-finite loss, another process of the run ended)
 OUR_PACKAGES = ("engine", "model", "loss", "dataset", "utils")
 
 
@@ -105,11 +106,23 @@ def _status_of(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Se
         if main_process or group_formed():
             print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except BaseException:
-        if signals.received() is None:
-            raise
-        # the signal's exception was replaced by one of the cleanup's
-        return _stopped(signals.received(), main_process)
+    except BaseException as err:
+        if signals.received() is not None:  # the signal's exception was replaced by one of the cleanup's
+            return _stopped(signals.received(), main_process)
+        if peer_lost(err):  # torchrun stops this process too (SIGTERM); say why first, in one line
+            print(f"error: process {process_rank()}: another process of this run has ended, so this one stops too "
+                  f"({_first_sentence(err)})", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+def _first_sentence(err: BaseException) -> str:
+    """"Connection closed by peer [127.0.0.1]:33937" of "[.../gloo/transport/tcp/pair.cc:561] Connection closed by
+    peer [127.0.0.1]:33937. This is typically caused by ..."."""
+    text = str(err).strip() or type(err).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def _stopped(signum: int, say: bool = True) -> int:

@@ -199,6 +199,20 @@ class World:
         raise ReportedByMain(failed[0][1]) from error
 
 
+# What gloo says when the other end of a connection is gone: its process ended (killed, out of memory, crashed)
+PEER_LOST_MARKS = ("Connection closed by peer", "Connection reset by peer", "remote worker")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of the run has ended: torch's distributed
+    errors (NCCL, the rendezvous store), and gloo's, which torch raises as a plain RuntimeError."""
+    if not group_formed() or not isinstance(err, RuntimeError):
+        return False
+    import torch.distributed
+
+    return isinstance(err, torch.distributed.DistError) or any(mark in str(err) for mark in PEER_LOST_MARKS)
+
+
 def _message(err: BaseException) -> str:
     from utils.cli import describe_os_error, one_line
 

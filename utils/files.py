@@ -145,9 +145,11 @@ class FolderLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: Optional[IO[str]] = None
+        self._created: list[Path] = []  # the folders acquire() made, innermost first
 
     def acquire(self, wait: bool = False) -> bool:
         """Take the lock; without ``wait``, return False at once if another process holds it."""
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = self.path.open("a+", encoding="utf-8")
         try:
@@ -170,10 +172,20 @@ class FolderLock:
             return "another process"
         return f"process {pid} on {host}"
 
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file releases the lock
-            self._file = None
+    def release(self, undo: bool = False) -> None:
+        """Release the lock. ``undo``: the holder gave up before writing anything (a refused start), so the lock
+        file goes, and so do the folders ``acquire`` made, if nothing else came into them meanwhile."""
+        if self._file is None:
+            return
+        if undo and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            self.path.unlink()
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: another process writes there now
+                    break
+        self._file.close()  # closing the file releases the lock
+        self._file = None
 
     def __enter__(self) -> FolderLock:
         self.acquire(wait=True)
