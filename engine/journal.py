@@ -1,4 +1,5 @@
-"""The run's record: for every train line and validation, a console line, a JSON line in log.jsonl and a wandb entry.
+"""The run's record: for every train line and validation, a console line, a JSON line in log.jsonl and a wandb entry;
+and curves.png, drawn from log.jsonl.
 
 ``TRAIN_FIELDS`` is the one table of what a train line holds and what each quantity is called where: its key in
 log.jsonl (the name the code uses), its wandb name and its console format.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -42,6 +44,9 @@ TRAIN_FIELDS = (
     Field("images_per_s", "images_per_s", "{:6.1f} img/s", "images per second"),
 )
 LABELS = {f.key: f.label for f in TRAIN_FIELDS}
+# curves.png is redrawn at a validation once this long has passed since it was last drawn (drawing takes most of a
+# second; validations can come every few seconds), and at the end of training
+CURVES_EVERY_S = 30.0
 
 
 class Journal:
@@ -52,6 +57,7 @@ class Journal:
         self.path = path
         self.file = path.open("a", encoding="utf-8") if path is not None else None
         self.tracker = tracker
+        self._curves_drawn = time.monotonic()  # when curves.png was last drawn (the run's start, at first)
 
     def _write(self, record: dict[str, Any]) -> None:
         try:
@@ -83,11 +89,13 @@ class Journal:
             self.tracker.log_images({"val_segmentation": paths["visualization"],
                                      "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)
 
-    def draw_curves(self, path: Path) -> None:
-        """``curves.png`` from everything log.jsonl holds so far (the run's pictures without wandb)."""
-        if self.file is None:
+    def draw_curves(self, path: Path, now: bool = False) -> None:
+        """``curves.png`` from everything log.jsonl holds so far (the run's pictures without wandb): when ``now``,
+        else if CURVES_EVERY_S have passed since it was last drawn (or the run started)."""
+        if self.file is None or not (now or time.monotonic() - self._curves_drawn >= CURVES_EVERY_S):
             return
         save_curves(read_log(self.path), path)
+        self._curves_drawn = time.monotonic()
 
     def close(self) -> None:
         if self.file is not None:

@@ -356,6 +356,7 @@ def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Op
         for epoch in tqdm(range(run.progress.epoch, cfg.train.epoch), desc="epoch", initial=run.progress.epoch,
                           total=cfg.train.epoch, disable=None if world.is_main else True):
             train_one_epoch(run, epoch, journal)
+        journal.draw_curves(run_dir / CURVES_FILE, now=True)  # the whole run, however recently it was drawn
         if not run.validate:
             return {}
         return final_evaluation(cfg, run_dir, run.fabric, run.precision, tracker, step=run.progress.iteration)

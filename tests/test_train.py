@@ -59,7 +59,23 @@ def test_run_directory_holds_config_log_and_final_report(trained):
     assert set(final) == {"best", "last"}
     assert all(set(final[w]) == {"no_crf", "crf"} and set(final[w]["crf"]) == METRICS for w in final)
     assert (trained / "last_visualization.png").stat().st_size > 0
-    assert (trained / "curves.png").stat().st_size > 0  # drawn at every validation from log.jsonl
+    assert (trained / "curves.png").stat().st_size > 0  # drawn from log.jsonl at the end of training
+
+
+def test_curves_are_redrawn_at_a_validation_only_once_their_interval_has_passed(tmp_path, monkeypatch):
+    import engine.journal
+
+    drawn, clock = [], {"now": 1000.0}
+    monkeypatch.setattr(engine.journal, "save_curves", lambda records, path: drawn.append(clock["now"]))
+    monkeypatch.setattr(engine.journal.time, "monotonic", lambda: clock["now"])
+    journal = engine.journal.Journal(tmp_path / "log.jsonl", tracker=None)
+    for step in (1.0, engine.journal.CURVES_EVERY_S - 2.0, 1.5, 0.0):  # validations after these many seconds
+        clock["now"] += step
+        journal.draw_curves(tmp_path / "curves.png")
+    journal.draw_curves(tmp_path / "curves.png", now=True)  # the end of training
+    journal.close()
+    start = 1000.0
+    assert drawn == [start + engine.journal.CURVES_EVERY_S + 0.5, start + engine.journal.CURVES_EVERY_S + 0.5]
 
 
 def test_checkpoint_rebuilds_the_model_from_its_config_alone(trained):
