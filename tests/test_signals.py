@@ -14,7 +14,7 @@ import torch
 import run
 from engine.checkpoint import load_checkpoint
 from tests.conftest import ROOT, SHALLOW_DEPTH, TINY_COLORS, random_checkpoint, tiny_options
-from tests.world import Ended, finish_program, start_program
+from tests.world import Ended, finish_program, fork, start_program
 from utils.cli import run_main
 
 CRF_VAL_IMAGES = 32  # enough CRF work (seconds with two workers) that a signal sent when they start finds them at it
@@ -238,6 +238,30 @@ def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tiny_data, 
     assert run_main(run.main, ["--opt", str(options), "--debug"]) == 143
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Exception ignored" not in err
+
+
+def fail_in_threads_of_a_worker(errors: list, log: Path) -> None:
+    """A worker process (worker_process_setup) whose threads raise ``errors``, one each; stderr into ``log``."""
+    from utils import signals
+
+    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    signals.worker_process_setup(os.getppid())
+
+    def fail(error):
+        raise error
+
+    for error in errors:
+        thread = threading.Thread(target=fail, args=(error,))
+        thread.start()
+        thread.join()
+
+
+def test_a_worker_is_silent_about_a_connection_its_parent_closed_and_not_about_other_errors(tmp_path):
+    process = fork(fail_in_threads_of_a_worker, [BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "x"),
+                                                 ValueError("a real failure")], tmp_path / "err")
+    process.join(WAIT_S)
+    err = (tmp_path / "err").read_text()
+    assert "ValueError: a real failure" in err and err.count("Traceback") == 1, err
 
 
 def test_terminating_a_busy_forked_pool_prints_no_worker_traceback():

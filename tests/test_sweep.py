@@ -4,7 +4,8 @@ import json
 import signal
 import subprocess
 import sys
-import time
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +15,12 @@ from engine.checkpoint import load_checkpoint
 from engine import sweep as sweep_module
 from engine.sweep import SWEEP_FILE, device_slots, plan_sweep, run_sweep
 from tests.conftest import ROOT, tiny_options
-from tests.test_signals import alive, children, wait_for
+from tests.test_signals import WAIT_S, alive, children, wait_for
 from utils.cli import run_main
 from utils.config import load_config
 from utils.errors import ConfigError
 from utils.overrides import Setting, is_sweep, parse_sweep, run_name
 from utils.visualize import mean_and_range
-
-WAIT_S = 120  # upper bound for a tiny run to write its first checkpoint on a busy machine
 
 
 def values(item):
@@ -140,12 +139,15 @@ def state_of(folder):
     return {r["name"]: r for r in json.loads((folder / SWEEP_FILE).read_text())["runs"]}
 
 
-def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
+def sweep(options, *args) -> int:
+    """``run.py --multirun`` in this process (its runs are processes of their own, as always)."""
+    return run_main(run.main, ["--opt", str(options), "--debug", "--multirun", *args])
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path, capfd):
     options = tiny_options(tmp_path, tiny_data)
     missing = tmp_path / "missing"
-    result = subprocess.run(sweep_command(options, f"dataset.data_path={missing},{tiny_data}"), cwd=ROOT,
-                            capture_output=True, text=True, timeout=10 * WAIT_S)
-    assert result.returncode == 1, result.stderr
+    assert sweep(options, f"dataset.data_path={missing},{tiny_data}") == 1
     folder = tmp_path / "output" / "tiny"
     failed = state_of(folder)[run_name([Setting("dataset.data_path", str(missing), str(missing))])]
     assert failed["status"] == "failed" and failed["exit_status"] == 2 and str(missing) in failed["reason"]
@@ -153,31 +155,36 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["failed"][0]["reason"] == failed["reason"]
     assert "Runs that did not finish" in (folder / "summary.md").read_text()
-    assert "1 failed" in result.stdout
+    assert "1 failed" in capfd.readouterr().out
 
 
-def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path):
+def ctrl_c_once(path: Path) -> threading.Thread:
+    """A thread that sends Ctrl-C to this process's main thread once ``path`` exists."""
+    def wait_then_interrupt():
+        wait_for(path.exists, str(path))
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    thread = threading.Thread(target=wait_then_interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capfd):
     options = tiny_options(tmp_path, tiny_data)
     folder = tmp_path / "output" / "tiny"
-    process = subprocess.Popen(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + WAIT_S
-    while not (folder / "seed=0" / "last.pth").exists():
-        assert time.monotonic() < deadline and process.poll() is None, "no first checkpoint"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # Ctrl-C: the terminal's foreground group is the sweep's alone
-    _, err = process.communicate(timeout=WAIT_S)
-    assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    ctrl_c_once(folder / "seed=0" / "last.pth")  # the terminal's foreground group is the sweep's alone
+    assert sweep(options, "seed=0,1", "train.epoch=1000") == 130
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     state = state_of(folder)
     assert state["seed=0"]["status"] == "interrupted" and state["seed=1"]["status"] == "pending"
 
-    again = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT, capture_output=True,
-                           text=True, timeout=WAIT_S)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    assert sweep(options, "seed=0,1", "train.epoch=1000") == 2
+    assert "pass --resume" in capfd.readouterr().err
 
-    resumed = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1", "--resume"), cwd=ROOT,
-                             capture_output=True, text=True, timeout=10 * WAIT_S)
-    assert resumed.returncode == 0, resumed.stderr
+    assert sweep(options, "seed=0,1", "train.epoch=1", "--resume") == 0
+    resumed = capfd.readouterr()
     state = state_of(folder)
     assert state["seed=0"]["resumed"] and not state["seed=1"]["resumed"]
     assert {r["status"] for r in state.values()} == {"done"}
@@ -187,25 +194,26 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["groups"]["all runs"]["last"]["no_crf"]["Cluster_mIoU"]["n"] == 2
     assert (folder / "summary_curves.png").stat().st_size > 0 and (folder / "summary.csv").is_file()
-    assert "2 of 2 runs finished" in resumed.stdout
+    assert "2 of 2 runs finished" in resumed.out
 
-    finished = subprocess.run(sweep_command(options, "seed=0,1", "train.epoch=1", "--resume"), cwd=ROOT,
-                              capture_output=True, text=True, timeout=WAIT_S)
-    assert finished.returncode == 0 and "(2 finished before)" in finished.stdout
+    assert sweep(options, "seed=0,1", "train.epoch=1", "--resume") == 0
+    finished = capfd.readouterr().out
+    assert "(2 finished before)" in finished
     assert state_of(folder) == state  # how the runs ran is kept
-    assert "=== sweep run" not in finished.stdout and (folder / "summary.md").is_file()
+    assert "=== sweep run" not in finished and (folder / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_stops_by_itself_when_its_sweep_is_killed(tiny_data, tmp_path):
     options = tiny_options(tmp_path, tiny_data)
     run_dir = tmp_path / "output" / "tiny" / "seed=0"
     process = subprocess.Popen(sweep_command(options, "seed=0,1", "train.epoch=1000"), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (run_dir / "last.pth").exists() or process.poll() is not None, "a first checkpoint", WAIT_S)
+    wait_for(lambda: (run_dir / "last.pth").exists() or process.poll() is not None, "a first checkpoint")
     (child,) = children(process.pid)
     process.kill()  # SIGKILL: the sweep cannot pass it on
     process.communicate(timeout=WAIT_S)  # ends when the run no longer writes into the sweep's pipes
-    wait_for(lambda: not alive(child), "the run to stop", WAIT_S)
+    wait_for(lambda: not alive(child), "the run to stop")
     console = (run_dir / "console.log").read_text()
     assert "has ended: stopping as on SIGTERM" in console and console.strip().endswith("terminated (SIGTERM)")
     assert "Traceback" not in console

@@ -164,7 +164,16 @@ def worker_process_setup(parent: int) -> None:
     for signum in TERMINATING:  # a forked worker inherits the parent's handlers: SIGTERM from its pool just ends it
         if signal.getsignal(signum) != signal.SIG_IGN:  # ignored as its parent ignores it (nohup): so be it
             signal.signal(signum, signal.SIG_DFL)
+    threading.excepthook = _quiet_when_the_parent_left
     threading.Thread(target=_when_parent_ends, args=(parent, functools.partial(os._exit, 1)), daemon=True).start()
+
+
+def _quiet_when_the_parent_left(args: threading.ExceptHookArgs) -> None:
+    """A worker's ``threading.excepthook``: silent for a connection its parent closed. The thread that hands a
+    data-loader batch's shared memory to the parent (multiprocessing's resource sharer) fails so when the parent
+    stops in the middle of taking it (Ctrl-C); the parent says why the program ends."""
+    if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
+        threading.__excepthook__(args)
 
 
 def stop_with_parent(parent: int, log: Path) -> None:
