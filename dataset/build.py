@@ -15,7 +15,7 @@ from dataset import classes
 from dataset.base import IMAGE_FILES, MAT_FILES, Reader, Sample, SegmentationDataset
 from dataset.demo import ensure_demo_data
 from dataset.transforms import PairTransform, eval_transform, train_transform
-from utils.config import DatasetConfig
+from utils.config import EVAL_RES, DatasetConfig
 from utils.errors import DataError
 
 MODES = ("train", "val")
@@ -48,16 +48,17 @@ DIRECTORY_LAYOUT = ("data_path/imgs/{train,val}/NAME.jpg (or .png ...) and, opti
 CROP_LAYOUT = "data_path/cropped/{name}_five_crop_{ratio}/img/{split}/{i}.jpg and .../label/{split}/{i}.png"
 
 
-def build_dataset(cfg: DatasetConfig, mode: str) -> SegmentationDataset:
+def build_dataset(cfg: DatasetConfig, mode: str, eval_res: int = EVAL_RES) -> SegmentationDataset:
     """The training ("train") or evaluation ("val") set of ``cfg``.
 
     Training reads the pre-computed five-crop set when ``cfg.crop_type`` is "five" and the type is
     cocostuff27 or cityscapes; for every other type, and always for "val", ``crop_type`` is ignored, as in
-    the original. Training uses ``cfg.res`` and ``cfg.loader_crop_type``; "val" resizes and centre-crops to 320.
+    the original. Training uses ``cfg.res`` and ``cfg.loader_crop_type``; "val" resizes and centre-crops to
+    ``eval_res`` (``eval.res``, 320 as STEGO and PPAP).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
-    transform = train_transform(cfg.res, cfg.loader_crop_type) if mode == "train" else eval_transform()
+    transform = train_transform(cfg.res, cfg.loader_crop_type) if mode == "train" else eval_transform(eval_res)
     if mode == "train" and uses_five_crop(cfg):
         n = classes.n_classes(cfg)
         samples = cropped_samples(five_crop_dir(cfg), mode)

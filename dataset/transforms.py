@@ -16,9 +16,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, RandomCrop
 
+from utils.config import EVAL_RES
 from utils.image import IMAGENET_MEAN, IMAGENET_STD
 
-EVAL_RES = 320  # evaluation: Resize(320, NEAREST) + CenterCrop(320), as STEGO and PPAP
 LOADER_CROPS = ("center", "random", None)  # dataset.loader_crop_type values; None = resize to (res, res)
 
 
@@ -58,6 +58,6 @@ def train_transform(res: int, loader_crop_type: Optional[str]) -> PairTransform:
     return PairTransform(res, loader_crop_type)
 
 
-def eval_transform() -> PairTransform:
-    """The evaluation transform: shorter side to 320, centre crop 320 x 320."""
-    return PairTransform(EVAL_RES, "center")
+def eval_transform(res: int = EVAL_RES) -> PairTransform:
+    """The evaluation transform (``eval.res``): shorter side to ``res``, centre crop ``res`` x ``res``."""
+    return PairTransform(res, "center")

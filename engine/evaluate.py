@@ -2,9 +2,9 @@
 
 ``evaluate()`` is the one evaluation loop: training validates with it. ``evaluate_and_report()`` is the one
 evaluation of saved checkpoints, behind eval.py, the end of a training run and ``run.py --test``. What is computed:
-- the image goes into the network at 320 x 320, or at the nearest multiple of the patch size (322 x 322 for a
-  patch of 14; bilinear resize); the code is upsampled bilinearly (align_corners False) to the label size before
-  the probes, so every pixel of the 320 x 320 label gets its own prediction;
+- the image goes into the network at 320 x 320 (``eval.res``), or at the nearest multiple of the patch size (322 x
+  322 for a patch of 14; bilinear resize); the code is upsampled bilinearly (align_corners False) to the label size
+  before the probes, so every pixel of the 320 x 320 label gets its own prediction;
 - linear prediction = argmax of the linear probe; cluster prediction = the nearest centroid (one-hot argmax);
 - for the CRF: log-softmax of the linear logits, and log-softmax(2 x cosine similarities) of the cluster probe
   (the sharpening by 2 is the setting PPAP's and STEGO's published CRF numbers were computed with);
@@ -326,7 +326,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
     world = World(fabric)
 
     def prepare() -> tuple[Any, list]:
-        val_set = build_dataset(cfg.dataset, "val")
+        val_set = build_dataset(cfg.dataset, "val", cfg.eval.res)
         require_labels(val_set)
         return val_set, [networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes, str(path))
                          for path, ckpt in checkpoints.values()]

@@ -283,7 +283,7 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
 
-    train_set, val_set = build_dataset(cfg.dataset, "train"), build_dataset(cfg.dataset, "val")
+    train_set, val_set = build_dataset(cfg.dataset, "train"), build_dataset(cfg.dataset, "val", cfg.eval.res)
     if len(train_set) < cfg.dataloader.batch_size:
         raise DataError(f"{cfg.dataset.data_path}: the training set has {len(train_set)} images, fewer than one "
                         f"batch of dataloader.batch_size={cfg.dataloader.batch_size}")

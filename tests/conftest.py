@@ -72,7 +72,7 @@ def tiny_options(folder: Path, data_path: Path, **sections) -> Path:
         "dataloader": {"batch_size": 4, "num_workers": 0},
         "training_coeff": {"initialcrit_pos": 0.5, "initialcrit_amb": 0.1},
         "train": {"print_freq": 1, "valid_freq": 2, "epoch": 1},
-        "eval": {"is_crf": False, "is_visualize": False, "n_images": 2, "crf_workers": 0},
+        "eval": {"is_crf": False, "is_visualize": False, "n_images": 2, "crf_workers": 0, "res": 64},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -5,7 +5,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from dataset import build_dataset
 from dataset.transforms import EVAL_RES, IMAGENET_MEAN, IMAGENET_STD, PairTransform, eval_transform, train_transform
+from tests.conftest import tiny_options
+from utils.config import load_config
+from utils.errors import ConfigError
 
 
 def _image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -72,6 +76,15 @@ def test_null_loader_crop_resizes_to_a_square_without_cropping():
 def test_eval_transform_gives_a_320_square():
     img, label = eval_transform()(_image(36, 48), np.zeros((36, 48), dtype=np.int64))
     assert (img.shape, label.shape) == ((3, EVAL_RES, EVAL_RES), (EVAL_RES, EVAL_RES))
+
+
+def test_the_validation_set_is_cropped_to_eval_res(tiny_data, tmp_path):
+    options = tiny_options(tmp_path, tiny_data)
+    cfg = load_config(options, ["eval.res=48"])
+    item = build_dataset(cfg.dataset, "val", cfg.eval.res)[0]
+    assert (item["img"].shape, item["label"].shape) == ((3, 48, 48), (48, 48))
+    with pytest.raises(ConfigError, match="eval.res must be >= 1"):
+        load_config(options, ["eval.res=0"])
 
 
 def test_image_is_normalised_with_the_imagenet_statistics():

@@ -48,6 +48,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 TTA_MODES = ("none", "flip")
 CRF_BACKENDS = ("pydensecrf", "torch")  # eval.crf_backend
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
+EVAL_RES = 320  # eval.res: shorter side to 320 and a centre crop of 320 x 320, as STEGO and PPAP evaluate
 BASE_KEY = "base"  # top-level key naming an option file this one extends
 
 
@@ -268,6 +269,7 @@ class EvalConfig:
     legacy_extra_cluster_mask: bool = False  # ours: drop predictions >= n_classes, to reproduce the original's numbers
     tta: str = "none"  # ours: "flip" averages the code of the image and of its mirror (STEGO's protocol); PPAP: none
     crf_backend: str = "pydensecrf"  # ours: "torch" refines batches on the evaluation's device, without a pool
+    res: int = EVAL_RES  # ours: validation and evaluation crop side; published numbers are at 320 only
 
     def __post_init__(self) -> None:
         _choice(self.tta, "tta", TTA_MODES)
@@ -276,6 +278,7 @@ class EvalConfig:
         _require(self.n_images >= 0, "n_images", f"must be >= 0 (got {self.n_images})")
         _require(self.crf_workers is None or self.crf_workers >= 0, "crf_workers",
                  f"must be >= 0 or null (got {self.crf_workers})")
+        _require(self.res >= 1, "res", f"must be >= 1 pixel (got {self.res})")
 
 
 @dataclass(frozen=True, kw_only=True)
