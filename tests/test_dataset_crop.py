@@ -1,7 +1,5 @@
 """The five-crop preprocessing (dataset/crop.py and the crop_datasets.py script) on a tiny COCO-Stuff fixture."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +9,11 @@ from PIL import Image
 from dataset import build_dataset, five_crop_dir
 from dataset.crop import write_five_crops
 from dataset.crop_datasets import main as crop_main
+from tests.world import run_program
 from utils.cli import run_main
 from utils.config import DatasetConfig
 from utils.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 H, W = 8, 12  # source size; crops of ratio 0.5 are 4 x 6
 FINE_PERSON, FINE_SKY = 0, 156  # coarse 9 and 23
 
@@ -125,10 +123,9 @@ def _option_file(tmp_path: Path, data_path: str) -> Path:
 
 def test_script_writes_the_set_with_a_data_path_override(coco, tmp_path):
     option_file = _option_file(tmp_path, "elsewhere")
-    command = [sys.executable, "dataset/crop_datasets.py", "--opt", str(option_file), "--num_workers", "0",
-               f"dataset.data_path={coco}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (result.returncode, len(_crop_files(coco))) == (0, 30), result.stderr
+    (ended,) = run_program("dataset/crop_datasets.py", ["--opt", str(option_file), "--num_workers", "0",
+                                                        f"dataset.data_path={coco}"], tmp_path / "console")
+    assert (ended.status, len(_crop_files(coco))) == (0, 30), ended.err
 
 
 def test_script_reports_a_missing_dataset_in_one_line_with_status_2(tmp_path, capsys):

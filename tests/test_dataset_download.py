@@ -1,8 +1,6 @@
 """Downloading and unpacking, against local file:// URLs and a local HTTP server; never the network."""
 import http.server
 import socket
-import subprocess
-import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -10,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from dataset.download import download_datasets, download_file, unpack
+from tests.world import run_program
 from utils.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB
 
 
@@ -157,9 +155,9 @@ def test_unknown_dataset_name_is_refused(tmp_path):
 
 
 def test_script_reports_a_network_failure_in_one_line_with_status_2(tmp_path):
-    result = subprocess.run([sys.executable, "dataset/dataset_download.py", "--data_path", str(tmp_path), "potsdam",
-                             "--base_url", _closed_port_url()], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stderr.count("\n"), "cannot reach" in result.stderr) == (2, 1, True)
+    (ended,) = run_program("dataset/dataset_download.py", ["--data_path", str(tmp_path), "potsdam",
+                                                           "--base_url", _closed_port_url()], tmp_path / "console")
+    assert (ended.status, ended.err.count("\n"), "cannot reach" in ended.err) == (2, 1, True)
 
 
 def test_data_path_that_is_a_file_is_named(tmp_path):

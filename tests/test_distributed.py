@@ -143,7 +143,7 @@ def runs(shallow_vit, five_val_images, tmp_path_factory):
     one = tiny_options(folder / "one", five_val_images, train={"epoch": 2})
     two = tiny_options(folder / "two", five_val_images, train={"epoch": 1}, eval={"is_crf": True, "crf_workers": 1})
     assert run_main(run.main, ["--opt", str(one), "--debug"]) == 0
-    ended = run_program("run", ["--opt", str(two), "--debug"], folder / "console", size=2, depth=SHALLOW_DEPTH)
+    ended = run_program("run.py", ["--opt", str(two), "--debug"], folder / "console", size=2, depth=SHALLOW_DEPTH)
     assert [e.status for e in ended] == [0, 0], ended[0].err + ended[1].err
     two_dir = folder / "two" / "output" / "tiny"
     assert run_main(eval_script.main, ["--checkpoint", str(two_dir / "last.pth"), "--out", str(folder / "alone"),
@@ -194,7 +194,7 @@ def test_two_processes_evaluate_every_image_once_as_one_does(runs):
 def test_a_user_error_of_two_processes_ends_both_with_status_2_and_one_message(tiny_data, tmp_path, override,
                                                                                message):
     options = tiny_options(tmp_path, tiny_data)
-    ended = run_program("run", ["--opt", str(options), "--debug", override], tmp_path / "console", size=2)
+    ended = run_program("run.py", ["--opt", str(options), "--debug", override], tmp_path / "console", size=2)
     errors = [line for e in ended for line in e.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), ended
     assert [e.status for e in ended] == [2, 2]
@@ -204,7 +204,7 @@ def test_a_user_error_of_two_processes_ends_both_with_status_2_and_one_message(t
 
 def test_when_one_of_two_processes_is_killed_the_other_says_so_in_one_line(tiny_data, tmp_path):
     options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000})
-    processes = start_program("run", ["--opt", str(options), "--debug"], tmp_path / "console", size=2,
+    processes = start_program("run.py", ["--opt", str(options), "--debug"], tmp_path / "console", size=2,
                               depth=SHALLOW_DEPTH)
     try:
         wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")

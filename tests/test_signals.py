@@ -1,12 +1,12 @@
 """What clusters and terminals send: SIGTERM, SIGHUP, Ctrl-C to a process group, SIGKILL. Real processes here."""
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+from typing import Mapping, Optional
 
 import pytest
 import torch
@@ -51,12 +51,14 @@ def wait_for(condition, what: str, timeout: float = WAIT_S) -> None:
 
 
 class Job:
-    """``python {script}.py *args`` started from a terminal: a process group of its own, SIGHUP at its default (or
+    """``python {script} *args`` started from a terminal: a process group of its own, SIGHUP at its default (or
     ignored, as ``nohup`` starts it), stdout and stderr kept (tests/world.py forks it with torch imported)."""
 
-    def __init__(self, script: str, *args: str, folder: Path, nohup: bool = False) -> None:
+    def __init__(self, script: str, *args: str, folder: Path, nohup: bool = False,
+                 env: Optional[Mapping[str, Optional[str]]] = None) -> None:
         self.folder = folder
-        (self.process,) = start_program(script, args, folder, depth=SHALLOW_DEPTH, new_session=True, nohup=nohup)
+        (self.process,) = start_program(script, args, folder, depth=SHALLOW_DEPTH, new_session=True, nohup=nohup,
+                                        env=env)
         self.pid = self.process.pid
 
     def end(self) -> Ended:
@@ -101,7 +103,7 @@ def crf_workers_of(pid: int) -> list[int]:
                                              (signal.SIGHUP, True)])  # the terminal closes: the whole job
 def test_termination_during_crf_ends_eval_with_one_line_and_no_worker_left(crf_checkpoint, tmp_path, signum,
                                                                           to_group):
-    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
+    job = Job("eval.py", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
     job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
     workers = children(job.pid)
     os.killpg(job.pid, signum) if to_group else os.kill(job.pid, signum)
@@ -113,7 +115,7 @@ def test_termination_during_crf_ends_eval_with_one_line_and_no_worker_left(crf_c
 
 
 def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint, tmp_path):
-    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
+    job = Job("eval.py", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path)
     job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
     workers = children(job.pid)
     os.kill(job.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up by the dying process
@@ -126,7 +128,7 @@ def test_workers_end_by_themselves_when_eval_is_killed(crf_checkpoint, tmp_path)
 def test_termination_during_training_exits_with_its_status_and_intact_files(tiny_data, tmp_path, signum, status,
                                                                             line):
     options = tiny_options(tmp_path, tiny_data, train={"epoch": 1000, "valid_freq": 2})
-    job = Job("run", "--opt", str(options), "--debug", folder=tmp_path / "console")
+    job = Job("run.py", "--opt", str(options), "--debug", folder=tmp_path / "console")
     last = tmp_path / "output" / "tiny" / "last.pth"
     job.wait_for(last.exists, "the first checkpoint")
     os.kill(job.pid, signum)
@@ -140,7 +142,7 @@ def test_termination_during_training_exits_with_its_status_and_intact_files(tiny
                                           (signal.SIGTERM, "terminated (SIGTERM)")])  # SLURM's scancel
 def test_a_signal_to_the_whole_job_with_loader_workers_prints_one_line(tiny_data, tmp_path, signum, line):
     options = tiny_options(tmp_path, tiny_data, dataloader={"num_workers": 2}, train={"epoch": 1000})
-    job = Job("run", "--opt", str(options), "--debug", folder=tmp_path / "console")
+    job = Job("run.py", "--opt", str(options), "--debug", folder=tmp_path / "console")
     job.wait_for((tmp_path / "output" / "tiny" / "last.pth").exists, "the first checkpoint")
     os.killpg(job.pid, signum)  # to every process of the job: the workers get it too
     ended = job.end()
@@ -180,7 +182,7 @@ def test_a_nohup_run_keeps_ignoring_sighup():
 
 
 def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf_checkpoint, tmp_path):
-    job = Job("eval", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path,
+    job = Job("eval.py", "--checkpoint", str(crf_checkpoint), "--debug", "--out", str(tmp_path), folder=tmp_path,
               nohup=True)
     job.wait_for(lambda: len(crf_workers_of(job.pid)) == 2, "the CRF workers")
     os.killpg(job.pid, signal.SIGHUP)  # the terminal closes: every process of the job gets it
@@ -189,24 +191,45 @@ def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf
     assert json.loads((tmp_path / "eval_report.json").read_text())["crf"]  # the workers refined every map
 
 
-def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback():
-    script = ("import multiprocessing, os, time\n"
-              "from dataset.crop import _init_worker\n"
-              "def init(*args):  # the pool's initializer, then word that this worker waits for tasks\n"
-              "    _init_worker(*args)\n"
-              "    started.release()\n"
-              "started = multiprocessing.get_context().Semaphore(0)\n"
-              "pool = multiprocessing.get_context().Pool(2, init, (None, os.getpid()))\n"
-              "for _ in range(2):\n"
-              "    started.acquire()\n"
-              "print('ready', flush=True)\n"
-              "time.sleep(600)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert process.stdout.readline() == "ready\n"  # both workers wait for tasks
-    os.killpg(process.pid, signal.SIGINT)
-    _, err = process.communicate(timeout=WAIT_S)
-    assert "ForkPoolWorker" not in err  # a worker that took Ctrl-C prints "Process ForkPoolWorker-1: Traceback"
+def as_a_program(stderr: Path) -> None:
+    """This forked process as ``python -c ...`` started in a terminal would be: a session of its own, stderr kept,
+    pools forking as python's default start method does."""
+    os.setsid()
+    os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+
+
+_started = None  # released by a pool's worker when it waits for tasks or is busy (inherited when the pool forks)
+
+
+def _init_and_say_so(*args) -> None:
+    from dataset.crop import _init_worker
+
+    _init_worker(*args)
+    _started.release()
+
+
+def five_crop_pool_waiting(ready: Path, stderr: Path) -> None:
+    """A five-crop pool of two workers that wait for tasks; ``ready`` appears once both do."""
+    global _started
+    as_a_program(stderr)
+    _started = multiprocessing.get_context().Semaphore(0)
+    pool = multiprocessing.get_context().Pool(2, _init_and_say_so, (None, os.getpid()))
+    for _ in range(2):
+        _started.acquire()
+    ready.touch()
+    time.sleep(WAIT_S)
+    pool.terminate()
+
+
+def test_ctrl_c_to_a_five_crop_pool_prints_no_worker_traceback(tmp_path):
+    process = fork(five_crop_pool_waiting, tmp_path / "ready", tmp_path / "err")
+    wait_for(lambda: (tmp_path / "ready").exists() or not process.is_alive(), "both workers to wait for tasks")
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: to every process of the job
+    process.join(WAIT_S)
+    assert (tmp_path / "ready").exists()
+    err = (tmp_path / "err").read_text()
+    assert "ForkPoolWorker" not in err, err  # a worker that took Ctrl-C prints "Process ForkPoolWorker-1: Traceback"
 
 
 def signal_this_process(signum: int) -> None:
@@ -264,20 +287,31 @@ def test_a_worker_is_silent_about_a_connection_its_parent_closed_and_not_about_o
     assert "ValueError: a real failure" in err and err.count("Traceback") == 1, err
 
 
-def test_terminating_a_busy_forked_pool_prints_no_worker_traceback():
-    script = ("import multiprocessing, os, time\n"
-              "from dataset.crop import _init_worker\n"
-              "from utils import signals\n"
-              "def busy(i):\n"
-              "    started.release()\n"
-              "    while True:\n"
-              "        sum(range(1000))\n"
-              "started = multiprocessing.get_context().Semaphore(0)\n"
-              "with signals.handled():  # the handlers a forked worker inherits, as under run_main\n"
-              "    pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))\n"
-              "    pool.map_async(busy, range(2), chunksize=1)\n"
-              "    for _ in range(2):\n"
-              "        started.acquire()  # both workers are busy\n"
-              "    pool.terminate()  # SIGTERM to the busy workers, as a pool's exit sends it\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+def _busy(_: int) -> None:
+    _started.release()
+    while True:
+        sum(range(1000))
+
+
+def terminate_a_busy_pool(stderr: Path) -> None:
+    """Terminate a five-crop pool whose two workers are busy, under the handlers a forked worker inherits (as under
+    run_main)."""
+    global _started
+    from dataset.crop import _init_worker
+    from utils import signals
+
+    as_a_program(stderr)
+    _started = multiprocessing.get_context().Semaphore(0)
+    with signals.handled():
+        pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))
+        pool.map_async(_busy, range(2), chunksize=1)
+        for _ in range(2):
+            _started.acquire()  # both workers are busy
+        pool.terminate()  # SIGTERM to the busy workers, as a pool's exit sends it
+
+
+def test_terminating_a_busy_forked_pool_prints_no_worker_traceback(tmp_path):
+    process = fork(terminate_a_busy_pool, tmp_path / "err")
+    process.join(WAIT_S)
+    err = (tmp_path / "err").read_text()
+    assert process.exitcode == 0 and "Traceback" not in err, err

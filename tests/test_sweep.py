@@ -144,7 +144,35 @@ def sweep(options, *args) -> int:
     return run_main(run.main, ["--opt", str(options), "--debug", "--multirun", *args])
 
 
-def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path, capfd):
+FAKE_RUN_OF_DATA = """
+import json, os, shutil, sys
+values = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[1:] if "=" in a)}
+data = values["dataset.data_path"]
+if not os.path.isdir(data):
+    print(f"error: {data} not found", file=sys.stderr)
+    sys.exit(2)
+shutil.copytree(os.environ["FINISHED_RUN"], os.path.join(values["output_dir"], values["wandb.name"]))
+"""
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    program = tmp_path / "fake_run.py"  # stands for run.py: fails as it does on missing data, else "trains" in no time
+    program.write_text(FAKE_RUN_OF_DATA)
+    monkeypatch.setenv("FINISHED_RUN", str(finished_run.folder))
+    missing = tmp_path / "missing"
+    assert run_sweep(program, str(tiny_options(tmp_path, tiny_data)), [f"dataset.data_path={missing},{tiny_data}"]) == 1
+    folder = tmp_path / "output" / "tiny"
+    failed = state_of(folder)[run_name([Setting("dataset.data_path", str(missing), str(missing))])]
+    assert failed["status"] == "failed" and failed["exit_status"] == 2 and failed["reason"] == f"{missing} not found"
+    assert [r["status"] for r in state_of(folder).values()] == ["failed", "done"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["failed"][0]["reason"] == failed["reason"]
+    assert "Runs that did not finish" in (folder / "summary.md").read_text()
+    assert "1 failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_real_run_that_fails_is_recorded_and_the_sweep_goes_on(tiny_data, tmp_path, capfd):
     options = tiny_options(tmp_path, tiny_data)
     missing = tmp_path / "missing"
     assert sweep(options, f"dataset.data_path={missing},{tiny_data}") == 1

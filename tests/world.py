@@ -19,10 +19,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_TIMEOUT_S = 600  # bound of one world's work on a busy machine; the tests' worlds take seconds
+WANDB_SERVICE_ENV = "WANDB_SERVICE"
 # imported once, by the forkserver, for every process of every world
 PRELOAD = ("torch", "lightning_fabric", "utils.distributed", "utils.cli", "engine.train", "engine.evaluate", "loss",
            "model", "dataset", "run", "eval")
@@ -129,7 +130,16 @@ class Ended:
 
 
 def _program_child(script: str, argv: Sequence[str], rank: int, size: int, port: int, launcher: Optional[str],
-                   outputs: Path, depth: Optional[int], new_session: bool, nohup: bool) -> None:
+                   outputs: Path, depth: Optional[int], new_session: bool, nohup: bool,
+                   env: Mapping[str, Optional[str]]) -> None:
+    # wandb tells the processes a process starts where its service is; a program started from a terminal has none
+    # (the forkserver's environment is the test process's when the first world started)
+    os.environ.pop(WANDB_SERVICE_ENV, None)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     # the start method a program started with python has (this process inherited the forkserver's): its data
     # loaders and pools fork from it
     multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
@@ -148,25 +158,25 @@ def _program_child(script: str, argv: Sequence[str], rank: int, size: int, port:
         from model.vit import vit
 
         model.ppap.vit = functools.partial(vit, depth=depth)
-    import importlib
+    import runpy
 
-    from utils.cli import run_main
-
-    sys.exit(run_main(importlib.import_module(script).main, list(argv)))
+    sys.argv = [script, *argv]
+    runpy.run_path(str(ROOT / script), run_name="__main__")  # as python runs it; its sys.exit ends this process
 
 
 def start_program(script: str, argv: Sequence[str], outputs: Path, size: int = 1, launcher: str = "torchrun",
-                  depth: Optional[int] = None, new_session: bool = False,
-                  nohup: bool = False) -> list[multiprocessing.Process]:
-    """``python {script}.py *argv``, as one process or as ``size`` processes of one launch (``launcher``'s variables,
-    a fresh port); process r writes its stdout and stderr into ``outputs/r.out`` and ``outputs/r.err``. ``depth``:
-    the ViTs' depth, as the ``shallow_vit`` fixture sets it; ``new_session``: each in a session (and process group)
-    of its own; ``nohup``: SIGHUP ignored, as ``nohup`` starts a program. Returns the processes in rank order."""
+                  depth: Optional[int] = None, new_session: bool = False, nohup: bool = False,
+                  env: Optional[Mapping[str, Optional[str]]] = None) -> list[multiprocessing.Process]:
+    """``python {script} *argv`` (``script`` relative to the project's root, e.g. "run.py"), as one process or as
+    ``size`` processes of one launch (``launcher``'s variables, a fresh port); process r writes its stdout and stderr
+    into ``outputs/r.out`` and ``outputs/r.err``. ``depth``: the ViTs' depth, as the ``shallow_vit`` fixture sets it;
+    ``new_session``: each in a session (and process group) of its own; ``nohup``: SIGHUP ignored, as ``nohup`` starts
+    a program; ``env``: environment variables to set (None: to remove). Returns the processes in rank order."""
     ctx, port = _context(), free_port()
     outputs.mkdir(parents=True, exist_ok=True)
     processes = [ctx.Process(target=_program_child, args=(script, argv, rank, size, port,
                                                           launcher if size > 1 else None, outputs, depth,
-                                                          new_session, nohup))
+                                                          new_session, nohup, dict(env or {})))
                  for rank in range(size)]
     for p in processes:
         p.start()
