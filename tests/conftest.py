@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def shallow_vit():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model.ppap, "vit", functools.partial(vit, depth=SHALLOW_DEPTH))
         yield
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this process, as in a program started from a terminal, even when the tests
+    run as a shell's background job (whose SIGINT the shell ignores)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 OVERFLOW = 1e30  # finite in fp32, so the run goes on; its gradients overflow fp16 (max 65504)

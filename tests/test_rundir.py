@@ -17,7 +17,7 @@ import run
 import utils.files
 from tests.conftest import patch_ppap_loss, tiny_options
 from tests.test_signals import WAIT_S
-from tests.world import fork
+from tests.world import as_a_program, fork
 from utils.cli import run_main
 from utils.files import FolderLock
 
@@ -178,7 +178,7 @@ def generate_demo_data(root: Path, log: Path) -> None:
     """A program's first run on the demo set, its stderr (where the generation is announced) into ``log``."""
     from dataset.demo import ensure_demo_data
 
-    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    as_a_program(None, log)
     logging.basicConfig(level=logging.INFO, force=True)
     ensure_demo_data(root, splits={"train": 6, "val": 2})
 

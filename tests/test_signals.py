@@ -3,6 +3,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import run
 from engine.checkpoint import load_checkpoint
 from tests.conftest import ROOT, SHALLOW_DEPTH, TINY_COLORS, random_checkpoint, tiny_options
-from tests.world import Ended, finish_program, fork, start_program
+from tests.world import Ended, as_a_program, finish_program, fork, start_program
 from utils.cli import run_main
 
 CRF_VAL_IMAGES = 32  # enough CRF work (seconds with two workers) that a signal sent when they start finds them at it
@@ -151,7 +152,7 @@ def test_a_signal_to_the_whole_job_with_loader_workers_prints_one_line(tiny_data
     assert err.strip().splitlines()[-1] == line and "Traceback" not in err and "Exception ignored" not in err, err
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, tmp_path, monkeypatch):
+def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, tmp_path, monkeypatch, ctrl_c_raises):
     import utils.files
 
     real_save = torch.save
@@ -191,14 +192,6 @@ def test_a_nohup_evaluation_and_its_crf_workers_survive_the_terminal_closing(crf
     assert json.loads((tmp_path / "eval_report.json").read_text())["crf"]  # the workers refined every map
 
 
-def as_a_program(stderr: Path) -> None:
-    """This forked process as ``python -c ...`` started in a terminal would be: a session of its own, stderr kept,
-    pools forking as python's default start method does."""
-    os.setsid()
-    os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT, 0o644), 2)
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
-
-
 _started = None  # released by a pool's worker when it waits for tasks or is busy (inherited when the pool forks)
 
 
@@ -212,7 +205,7 @@ def _init_and_say_so(*args) -> None:
 def five_crop_pool_waiting(ready: Path, stderr: Path) -> None:
     """A five-crop pool of two workers that wait for tasks; ``ready`` appears once both do."""
     global _started
-    as_a_program(stderr)
+    as_a_program(None, stderr, new_session=True)
     _started = multiprocessing.get_context().Semaphore(0)
     pool = multiprocessing.get_context().Pool(2, _init_and_say_so, (None, os.getpid()))
     for _ in range(2):
@@ -264,19 +257,27 @@ def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tiny_data, 
 
 
 def fail_in_threads_of_a_worker(errors: list, log: Path) -> None:
-    """A worker process (worker_process_setup) whose threads raise ``errors``, one each; stderr into ``log``."""
+    """A worker process (worker_process_setup) whose threads raise ``errors``, one each, in two ways: uncaught, and
+    caught and reported through sys.excepthook, as multiprocessing's resource sharer reports; stderr into ``log``."""
     from utils import signals
 
-    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT, 0o644), 2)
+    as_a_program(None, log)
     signals.worker_process_setup(os.getppid())
 
     def fail(error):
         raise error
 
+    def report(error):
+        try:
+            raise error
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+
     for error in errors:
-        thread = threading.Thread(target=fail, args=(error,))
-        thread.start()
-        thread.join()
+        for target in (fail, report):
+            thread = threading.Thread(target=target, args=(error,))
+            thread.start()
+            thread.join()
 
 
 def test_a_worker_is_silent_about_a_connection_its_parent_closed_and_not_about_other_errors(tmp_path):
@@ -284,7 +285,7 @@ def test_a_worker_is_silent_about_a_connection_its_parent_closed_and_not_about_o
                                                  ValueError("a real failure")], tmp_path / "err")
     process.join(WAIT_S)
     err = (tmp_path / "err").read_text()
-    assert "ValueError: a real failure" in err and err.count("Traceback") == 1, err
+    assert err.count("ValueError: a real failure") == 2 and err.count("Traceback") == 2, err
 
 
 def _busy(_: int) -> None:
@@ -300,7 +301,7 @@ def terminate_a_busy_pool(stderr: Path) -> None:
     from dataset.crop import _init_worker
     from utils import signals
 
-    as_a_program(stderr)
+    as_a_program(None, stderr, new_session=True)
     _started = multiprocessing.get_context().Semaphore(0)
     with signals.handled():
         pool = multiprocessing.get_context().Pool(2, _init_worker, (None, os.getpid()))

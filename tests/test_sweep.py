@@ -198,7 +198,7 @@ def ctrl_c_once(path: Path) -> threading.Thread:
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capfd):
+def test_an_interrupted_sweep_resumes_where_it_stopped(tiny_data, tmp_path, capfd, ctrl_c_raises):
     options = tiny_options(tmp_path, tiny_data)
     folder = tmp_path / "output" / "tiny"
     ctrl_c_once(folder / "seed=0" / "last.pth")  # the terminal's foreground group is the sweep's alone

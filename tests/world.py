@@ -129,30 +129,39 @@ class Ended:
     err: str
 
 
+def as_a_program(out: Optional[Path], err: Path, new_session: bool = False, nohup: bool = False) -> None:
+    """Make this forked process what ``python PROGRAM`` started from a terminal would be: stdout into ``out`` (kept
+    if None) and stderr into ``err``; no wandb service of a parent (wandb names its service to the processes a
+    process starts, and the forkserver's environment is the test process's when the first world started); pools and
+    data loaders forking with python's default start method (this process inherited the forkserver's); Ctrl-C raising
+    KeyboardInterrupt and SIGHUP at its default, or ignored as ``nohup`` starts a program (whatever the test process
+    was started with: a shell ignores SIGINT in the background jobs it starts, and its children inherit that);
+    ``new_session``: a session (and process group) of its own, as subprocess.Popen(start_new_session=True) starts it,
+    to be signalled as a job."""
+    os.environ.pop(WANDB_SERVICE_ENV, None)
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+    if new_session:
+        os.setsid()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
+    for fd, path in ((1, out), (2, err)):
+        if path is not None:
+            file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(file, fd)
+            os.close(file)
+
+
 def _program_child(script: str, argv: Sequence[str], rank: int, size: int, port: int, launcher: Optional[str],
                    outputs: Path, depth: Optional[int], new_session: bool, nohup: bool,
                    env: Mapping[str, Optional[str]]) -> None:
-    # wandb tells the processes a process starts where its service is; a program started from a terminal has none
-    # (the forkserver's environment is the test process's when the first world started)
-    os.environ.pop(WANDB_SERVICE_ENV, None)
+    as_a_program(outputs / f"{rank}.out", outputs / f"{rank}.err", new_session, nohup)
     for name, value in env.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    # the start method a program started with python has (this process inherited the forkserver's): its data
-    # loaders and pools fork from it
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
-    if new_session:  # as subprocess.Popen(start_new_session=True): a process group of its own, to signal as a job
-        os.setsid()
-    # a terminal's default, or nohup's (whatever the test process was started with)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
     if launcher is not None:
         _become(rank, size, port, launcher)
-    for fd, stream in ((1, "out"), (2, "err")):  # this process's own stdout and stderr, as a launcher keeps them
-        file = os.open(outputs / f"{rank}.{stream}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(file, fd)
-        os.close(file)
     if depth is not None:  # the tests' shallow ViTs (conftest.shallow_vit)
         import model.ppap
         from model.vit import vit

@@ -164,16 +164,23 @@ def worker_process_setup(parent: int) -> None:
     for signum in TERMINATING:  # a forked worker inherits the parent's handlers: SIGTERM from its pool just ends it
         if signal.getsignal(signum) != signal.SIG_IGN:  # ignored as its parent ignores it (nohup): so be it
             signal.signal(signum, signal.SIG_DFL)
-    threading.excepthook = _quiet_when_the_parent_left
+    # The thread that hands a data-loader batch's shared memory to the parent (multiprocessing's resource sharer,
+    # which reports through sys.excepthook) fails on a connection the parent closed when the parent stops in the
+    # middle of taking it (Ctrl-C): the parent says why the program ends, the worker says nothing about it.
+    sys.excepthook = functools.partial(_quiet_about_a_closed_connection, sys.excepthook)
+    threading.excepthook = functools.partial(_quiet_about_a_closed_connection, threading.excepthook)
     threading.Thread(target=_when_parent_ends, args=(parent, functools.partial(os._exit, 1)), daemon=True).start()
 
 
-def _quiet_when_the_parent_left(args: threading.ExceptHookArgs) -> None:
-    """A worker's ``threading.excepthook``: silent for a connection its parent closed. The thread that hands a
-    data-loader batch's shared memory to the parent (multiprocessing's resource sharer) fails so when the parent
-    stops in the middle of taking it (Ctrl-C); the parent says why the program ends."""
-    if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
-        threading.__excepthook__(args)
+CLOSED_CONNECTION = (BrokenPipeError, ConnectionResetError)
+
+
+def _quiet_about_a_closed_connection(hook: Callable[..., None], *args: object) -> None:
+    """``sys.excepthook`` (``hook(type, value, traceback)``) or ``threading.excepthook`` (``hook(args)``, whose
+    ``exc_type`` is the type) that is silent for ``CLOSED_CONNECTION``."""
+    exc_type = args[0] if len(args) == 3 else args[0].exc_type
+    if not (isinstance(exc_type, type) and issubclass(exc_type, CLOSED_CONNECTION)):
+        hook(*args)
 
 
 def stop_with_parent(parent: int, log: Path) -> None:
