@@ -250,15 +250,16 @@ def test_a_run_stops_by_itself_when_its_sweep_is_killed(tiny_data, tmp_path):
 
 FAKE_RUN = """
 import os, sys, time
-print("training", flush=True)
+print(f"training from {time.time():.6f}", flush=True)
 time.sleep(0.5)
+print(f"until {time.time():.6f}", flush=True)
 print("error: device " + os.environ["CUDA_VISIBLE_DEVICES"], file=sys.stderr)
 sys.exit(3)
 """
 
 
 def test_jobs_run_side_by_side_never_two_on_one_device(tiny_data, tmp_path):
-    program = tmp_path / "fake_run.py"  # stands for run.py: takes half a second, says which GPU it saw, fails
+    program = tmp_path / "fake_run.py"  # stands for run.py: takes half a second, says when and which GPU, fails
     program.write_text(FAKE_RUN)
     options = tiny_options(tmp_path, tiny_data)
     assert run_sweep(program, str(options), ["seed=range(0,5)"], slots=["0", "1"]) == 1
@@ -266,11 +267,15 @@ def test_jobs_run_side_by_side_never_two_on_one_device(tiny_data, tmp_path):
     runs = list(state_of(folder).values())
     assert [r["reason"] for r in runs] == [f"device {r['device']}" for r in runs]  # CUDA_VISIBLE_DEVICES reached it
     assert {r["device"] for r in runs} == {"0", "1"}
+    alive = {}  # run -> (from, until): when its process ran, as the process itself saw the clock
+    for r in runs:  # each run's output, stdout and stderr, in its folder
+        console = (folder / r["name"] / sweep_module.CONSOLE_FILE).read_text().splitlines()
+        assert [line.split()[0] for line in console[:2]] == ["training", "until"]
+        assert console[2:] == [f"error: device {r['device']}"]
+        alive[r["name"]] = (float(console[0].split()[-1]), float(console[1].split()[-1]))
     for a in runs:
         for b in runs:
-            if a is not b and a["started"] <= b["started"] < a["started"] + a["seconds"]:
-                assert a["device"] != b["device"], (a, b)  # runs at the same time are on different devices
-    assert runs[1]["started"] < runs[0]["started"] + runs[0]["seconds"]  # two at a time
-    for r in runs:  # each run's output, stdout and stderr, in its folder
-        console = (folder / r["name"] / sweep_module.CONSOLE_FILE).read_text()
-        assert console == f"training\nerror: device {r['device']}\n"
+            if a is not b and a["device"] == b["device"]:  # one run on a device at a time
+                (a_from, a_until), (b_from, b_until) = alive[a["name"]], alive[b["name"]]
+                assert a_until < b_from or b_until < a_from, (a, b)
+    assert alive[runs[1]["name"]][0] < alive[runs[0]["name"]][1]  # two at a time: the second began before the first ended
