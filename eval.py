@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.cli import base_parser, config_from_args, overrides_from_args, run_main, sets_on_command_line
-from utils.config import config_to_dict
-from utils.errors import ConfigError
+from config import config_to_dict
+from utils.errors import ConfigError, ExitStatus
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.evaluate import checkpoint_path, config_for_checkpoint, evaluate_and_report
     from utils.device import resolve_precision
     from utils.distributed import World, launch
-    from utils.tracking import Tracker, require_credentials, wandb_mode
+    from engine.tracking import Tracker, require_credentials, wandb_mode
 
     parser = base_parser("Evaluate a PPAP checkpoint with Hungarian matching, before and after dense CRF.",
                          opt_required=False)
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tracker.finish()
     for written in reports.files:
         print(f"wrote {written}")
-    return 0
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ mistake in the options, the checkpoint or the inputs.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -24,27 +25,14 @@ from utils.cli import run_main
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")  # dotted.key=value; anything else is an input
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
-    import argparse
-
-    from dataset import class_names, color_map
-    from engine.checkpoint import load_checkpoint, networks_from_checkpoint
-    from engine.evaluate import checkpoint_path, config_for_checkpoint
-    from engine.predict import (choose_report, collect_inputs, label_set, mark_output_folder, predict,
-                                read_matching, unsupported_line)
-    from utils.cli import config_from_args
-    from utils.config import TTA_MODES
-    from utils.device import resolve_precision
-    from utils.distributed import launch
-
+def _parser(tta_modes: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Segment images with a trained PPAP model.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file (run.py's, or a released one)")
     parser.add_argument("--out", required=True, help="folder for the outputs (marked as predict.py's: never read "
                         "as input)")
     parser.add_argument("--opt", default=None, help="the option file (needed for released checkpoints)")
     parser.add_argument("--crf", action="store_true", help="refine with the dense CRF of evaluation")
-    parser.add_argument("--tta", default="none", choices=TTA_MODES, help="flip: average with the mirrored image")
+    parser.add_argument("--tta", default="none", choices=tta_modes, help="flip: average with the mirrored image")
     parser.add_argument("--probe", default="cluster", choices=("cluster", "linear"))
     parser.add_argument("--matching", default=None, help="eval report whose cluster matching names clusters "
                         "(default: {stem}_eval_report.json beside the checkpoint); it must record this checkpoint")
@@ -55,6 +43,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="keep the outputs of an image whose outputs are all there (to continue a stopped run)")
     parser.add_argument("--batch-size", type=int, default=8, help="images of one size per network pass (default 8)")
     parser.add_argument("items", nargs="*", metavar="INPUT", help="images, folders or glob patterns; key=value")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # torch and the engine load here, under run_main: Ctrl-C while they load (seconds) ends quietly too
+    from dataset import class_names, color_map
+    from engine.checkpoint import load_checkpoint, networks_from_checkpoint
+    from engine.evaluate import checkpoint_path, config_for_checkpoint
+    from engine.predict import (choose_report, collect_inputs, label_set, mark_output_folder, predict,
+                                read_matching, unsupported_line)
+    from utils.cli import config_from_args
+    from config import TTA_MODES
+    from utils.device import resolve_precision
+    from utils.distributed import launch
+    from utils.errors import ExitStatus
+
+    parser = _parser(TTA_MODES)
     args = parser.parse_intermixed_args(argv)
     inputs_given = [a for a in args.items if not OVERRIDE.match(a)]
     args.overrides = [a for a in args.items if OVERRIDE.match(a)]
@@ -96,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unsupported:
         print(unsupported_line(unsupported))
     print(f"{summary.line()}; outputs in {out_dir}")
-    return 1 if summary.failed else 0
+    return ExitStatus.FAILED if summary.failed else ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.cli import EXIT_FAILED, base_parser, config_from_args, run_main, sets_on_command_line
-from utils.config import NONE_WEIGHTS, Config, config_to_dict
-from utils.errors import ConfigError
-from utils.overrides import is_sweep
+from utils.cli import base_parser, config_from_args, run_main, sets_on_command_line
+from config import NONE_WEIGHTS, Config, config_to_dict
+from utils.errors import ConfigError, ExitStatus
+from config.overrides import is_sweep
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -52,9 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     from engine.sweep import follow_sweep
-    from engine.train import LAST, RUN_LOCK, TrainingDiverged, evaluate_run, train
+    from engine.rundir import LAST, LOCK_FILE
+    from engine.train import TrainingDiverged, evaluate_run, train
     from utils.distributed import World, launch
-    from utils.tracking import Tracker, require_credentials, wandb_mode
+    from engine.tracking import Tracker, require_credentials, wandb_mode
 
     run_dir = Path(cfg.output_dir) / cfg.wandb.name
     follow_sweep(run_dir)
@@ -70,7 +71,7 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
 
     if args.test:
         evaluate_run(cfg, run_dir, fabric, make_tracker(None))
-        return 0
+        return ExitStatus.OK
     if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS and world.is_main:
         print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
               "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
@@ -80,15 +81,15 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     except TrainingDiverged as err:  # every process sees the same losses and stops; process 0 says why
         if world.is_main:
             print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     if not world.is_main:
-        return 0
-    written = [p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != RUN_LOCK]
+        return ExitStatus.OK
+    written = [p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != LOCK_FILE]
     print(f"\nwrote into {run_dir}:")
     for path in written:
         print(f"  {path}")
     print(f"evaluate a checkpoint again with: python eval.py --checkpoint {run_dir / LAST}")
-    return 0
+    return ExitStatus.OK
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """Dense CRF throughput, in one run on the same inputs: pydensecrf in a serial loop (one core) and in CRFPool, and
-the torch backend (utils/lattice.py) in batches on the CPU and, when there is one, on CUDA.
+the torch backend (crf/lattice.py) in batches on the CPU and, when there is one, on CUDA.
 
     python benchmarks/crf_bench.py [--images 16] [--workers K] [--size 320] [--classes 27] [--batch 8]
                                    [--photos DIR]
@@ -27,8 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from utils.crf import CRFPool, dense_crf, resolve_workers  # noqa: E402
-from utils.lattice import dense_crf_torch_shared  # noqa: E402
+from crf.pool import CRFPool, resolve_workers  # noqa: E402
+from crf.refiner import dense_crf  # noqa: E402
+from crf.lattice import dense_crf_torch_shared  # noqa: E402
+from utils.errors import ExitStatus  # noqa: E402
 
 SEED = 0
 IMAGE_SIZE = 320  # the evaluation resolution of the STEGO / PPAP configs
@@ -80,6 +82,37 @@ def torch_backend(inputs: list[tuple[np.ndarray, np.ndarray]], batch: int, devic
     return seconds, [p.numpy() for out in outputs for p in out], peak if device.type == "cuda" else None
 
 
+def compare_torch_backend(inputs: list[tuple[np.ndarray, np.ndarray]], batch: int, serial: list[np.ndarray],
+                          serial_s: float, results: dict) -> float:
+    """Time the torch backend on the CPU and on CUDA (when there is one), with one map and with two, against
+    pydensecrf's serial loop (``serial``: its probabilities, in ``serial_s`` seconds); print a line each and add the
+    rates (and CUDA's peak memory) to ``results``. Returns the lowest share of labels that agree with pydensecrf's."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    agreement = 1.0
+    for device in devices:
+        for maps in (1, 2):
+            seconds, probs, peak = torch_backend(inputs, batch, device, maps)
+            rate = f"{len(inputs) / seconds:6.3f} images/s ({seconds:.1f} s, batches of {batch}"
+            memory = f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""
+            if maps == 2:
+                print(f"{'  two maps':<18s}: {rate}, two maps per image refined together, as the evaluation does; "
+                      f"{2 * serial_s / seconds:.2f}x the serial loop's time for two maps){memory}")
+                results[f"torch_{device.type}_two_maps_images_per_s"] = len(inputs) / seconds
+                if peak is not None:
+                    results[f"torch_{device.type}_two_maps_peak_bytes"] = peak
+                continue
+            name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+            same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
+            agreement = min(agreement, same)
+            print(f"{name:<18s}: {rate}; {serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: "
+                  f"{100 * same:.2f}% of pixels, probabilities within "
+                  f"{max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}{memory}")
+            results[f"torch_{device.type}_images_per_s"] = len(inputs) / seconds
+            if peak is not None:
+                results[f"torch_{device.type}_peak_bytes"] = peak
+    return agreement
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=N_IMAGES)
@@ -116,33 +149,11 @@ def main() -> int:
     print(f"identical results : {'yes' if identical else 'NO'}")
     results = {"serial_images_per_s": args.images / serial_s, "pool_images_per_s": args.images / pool_s,
                "workers": workers, "identical": identical}
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    agreement = 1.0
-    for device in devices:
-        for maps in (1, 2):
-            seconds, probs, peak = torch_backend(inputs, args.batch, device, maps)
-            rate = f"{args.images / seconds:6.3f} images/s ({seconds:.1f} s, batches of {args.batch}"
-            memory = f"; peak memory {peak / 2**20:.0f} MiB" if peak is not None else ""
-            if maps == 2:
-                print(f"{'  two maps':<18s}: {rate}, two maps per image refined together, as the evaluation does; "
-                      f"{2 * serial_s / seconds:.2f}x the serial loop's time for two maps){memory}")
-                results[f"torch_{device.type}_two_maps_images_per_s"] = args.images / seconds
-                if peak is not None:
-                    results[f"torch_{device.type}_two_maps_peak_bytes"] = peak
-                continue
-            name = f"torch, {device.type}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
-            same = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, serial)]))
-            agreement = min(agreement, same)
-            print(f"{name:<18s}: {rate}; {serial_s / seconds:.2f}x the serial loop); labels as pydensecrf's: "
-                  f"{100 * same:.2f}% of pixels, probabilities within "
-                  f"{max(np.abs(a - b).max() for a, b in zip(probs, serial)):.1e}{memory}")
-            results[f"torch_{device.type}_images_per_s"] = args.images / seconds
-            if peak is not None:
-                results[f"torch_{device.type}_peak_bytes"] = peak
+    agreement = compare_torch_backend(inputs, args.batch, serial, serial_s, results)
     results["label_agreement"] = agreement
     if args.json:
         print(json.dumps(results))
-    return 0 if identical and agreement >= MIN_AGREEMENT else 1
+    return ExitStatus.OK if identical and agreement >= MIN_AGREEMENT else ExitStatus.FAILED
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from engine.train import build_optimizers, iteration_stream
     from loss import PPAPLoss
     from model import build_model
-    from utils.config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig
+    from config import BACKBONE_WIDTH, ModelConfig, OptimizerConfig, PretrainedConfig
     from utils.device import grad_scaler
     from utils.distributed import World, launch
 

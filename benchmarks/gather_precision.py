@@ -34,9 +34,9 @@ from model import build_model  # noqa: E402
 from model.ppap import PPAPNet  # noqa: E402
 from model.vit import vit  # noqa: E402
 from model.weights import load_backbone_weights  # noqa: E402
-from utils.config import BACKBONE_WIDTH, ModelConfig, PretrainedConfig, TrainingCoeff  # noqa: E402
+from config import BACKBONE_WIDTH, ModelConfig, PretrainedConfig, TrainingCoeff  # noqa: E402
 from utils.device import AUTOCAST_DTYPES  # noqa: E402
-from utils.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dataset.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 PAPER = dict(batch=64, patches=28 * 28, arch="vit_small", patch=8, classes=27)

@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from engine.rundir import EVAL_REPORT, FINAL_METRICS, LAST, LOG_FILE  # noqa: E402
+from utils.errors import ExitStatus  # noqa: E402
+
 
 class Row(NamedTuple):
     check: str
@@ -81,9 +84,9 @@ def describe_tests(output: str) -> str:
 
 def describe_demo(out_dir: Path) -> Callable[[str], str]:
     def describe(_: str) -> str:
-        final = json.loads((out_dir / "final_metrics.json").read_text())["last"]
+        final = json.loads((out_dir / FINAL_METRICS).read_text())["last"]
         setting = "crf" if "crf" in final else "no_crf"
-        train = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+        train = [json.loads(line) for line in (out_dir / LOG_FILE).read_text().splitlines()]
         speeds = [r["images_per_s"] for r in train if r["type"] == "train"][1:]  # the first includes start-up
         speed = f"; training {sum(speeds) / len(speeds):.0f} images/s" if speeds else ""
         return (f"last.pth {'after' if setting == 'crf' else 'before'} CRF: Cluster mIoU "
@@ -137,11 +140,11 @@ def describe_crf(output: str) -> str:
 
 def describe_torch_crf_eval(demo_dir: Path, out_dir: Path) -> Callable[[str], str]:
     def describe(_: str) -> str:
-        report = json.loads((out_dir / "eval_report.json").read_text())
+        report = json.loads((out_dir / EVAL_REPORT).read_text())
         seconds = report["seconds"]
         if "crf" not in report:  # --quick
             return f"{report['n_images']} images in {seconds['total']:.1f} s, without CRF"
-        pydensecrf = json.loads((demo_dir / "final_metrics.json").read_text())["last"]["crf"]
+        pydensecrf = json.loads((demo_dir / FINAL_METRICS).read_text())["last"]["crf"]
         gap = max(abs(report["crf"][k] - pydensecrf[k]) for k in pydensecrf)
         return (f"{report['n_images']} images in {seconds['total']:.1f} s, of which the CRF {seconds['crf']:.1f} s "
                 f"({100 * seconds['crf'] / seconds['total']:.0f}%); metrics after CRF within {gap:.2f} points of "
@@ -201,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              600, describe_ddp))
         demo_dir = Path(tmp) / "output" / "demo_fp16"
         rows.append(step("evaluation, torch CRF", "the fp16 demo's last.pth, eval.crf_backend=torch",
-                         [py, "eval.py", "--checkpoint", str(demo_dir / "last.pth"), "--debug", f"device={args.device}",
+                         [py, "eval.py", "--checkpoint", str(demo_dir / LAST), "--debug", f"device={args.device}",
                           "eval.crf_backend=torch", "--out", str(Path(tmp) / "eval_torch_crf"), *shrink],
                          300, describe_torch_crf_eval(demo_dir, Path(tmp) / "eval_torch_crf")))
         images = "4" if quick else "16"
@@ -214,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for row in rows:
         print(f"| {row.check} | {row.setting} | {row.result} | {row.seconds:.0f} s |")
     print(f"\ntotal {sum(r.seconds for r in rows):.0f} s; {sum(not r.ok for r in rows)} step(s) failed")
-    return 0 if all(r.ok for r in rows) else 1
+    return ExitStatus.OK if all(r.ok for r in rows) else ExitStatus.FAILED
 
 
 if __name__ == "__main__":

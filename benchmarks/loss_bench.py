@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from loss import PPAPLoss  # noqa: E402
-from utils.config import TrainingCoeff  # noqa: E402
+from config import TrainingCoeff  # noqa: E402
 
 MMAP_THRESHOLD = 1 << 16  # bytes: blocks this large are mapped and unmapped one by one (CPU memory measurement)
 PAPER_COEFF = TrainingCoeff(initialcrit_pos=0.55, initialcrit_amb=0.2, prop_iter=2, tau=0.8, sigma_pos=3, sigma_amb=3)

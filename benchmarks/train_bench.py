@@ -26,7 +26,7 @@ from benchmarks.loss_bench import PAPER_COEFF, straightforward_loss  # noqa: E40
 from engine.train import build_optimizers, forward_losses  # noqa: E402
 from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
-from utils.config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
+from config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
 from utils.device import autocast, deterministic_algorithms, grad_scaler  # noqa: E402
 from utils.distributed import ONE_PROCESS  # noqa: E402
 

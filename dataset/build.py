@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from dataset import classes
+import dataset.classes as classes
 from dataset.base import IMAGE_FILES, MAT_FILES, Reader, Sample, SegmentationDataset
 from dataset.demo import ensure_demo_data
 from dataset.transforms import PairTransform, eval_transform, train_transform
-from utils.config import EVAL_RES, DatasetConfig
+from config import EVAL_RES, DatasetConfig
 from utils.errors import DataError
 
 MODES = ("train", "val")

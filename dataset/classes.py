@@ -11,7 +11,7 @@ from typing import Mapping, Union
 import numpy as np
 
 from dataset.demo import DEMO_CLASS_NAMES, DEMO_COLORS
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 IGNORE = -1  # label value of unlabelled pixels, as STEGO

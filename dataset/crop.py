@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dataset.base import SegmentationDataset
 from dataset.build import FIVE_CROP_TYPES, MODES, cropped_samples, five_crop_dir, source_dataset
 from dataset.classes import CROPPED_OFFSET
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 from utils.signals import worker_process_setup
 

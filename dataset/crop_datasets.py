@@ -15,7 +15,8 @@ from typing import Optional, Sequence  # noqa: E402
 
 from dataset.crop import CROPS_PER_IMAGE, write_five_crops  # noqa: E402
 from utils.cli import run_main  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.errors import ExitStatus  # noqa: E402
+from config import load_config  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for report in write_five_crops(cfg.dataset, workers):
         print(f"{report.split}: {report.images} images -> {report.images * CROPS_PER_IMAGE} crops "
               f"in {report.folder} ({report.written} cropped now)")
-    return 0
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 from dataset.download import DOWNLOAD_NAMES, STEGO_DATA_URL, download_datasets  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from utils.errors import ExitStatus  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     for folder in download_datasets(args.data_path, args.names or DOWNLOAD_NAMES, args.base_url, args.keep_archives):
         print(f"ready: {folder}")
-    return 0
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.config import DataloaderConfig
+from config import DataloaderConfig
 from utils.signals import worker_process_setup
 
 

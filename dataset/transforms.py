@@ -16,8 +16,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, RandomCrop
 
-from utils.config import EVAL_RES
-from utils.image import IMAGENET_MEAN, IMAGENET_STD
+from config import EVAL_RES
+from dataset.image import IMAGENET_MEAN, IMAGENET_STD
 
 LOADER_CROPS = ("center", "random", None)  # dataset.loader_crop_type values; None = resize to (res, res)
 

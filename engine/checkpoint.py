@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from model import ClusterProbe, PPAPNet, build_model
 from model.weights import describe_vit_state_dict, description_of, load_state_dict_exactly
-from utils.config import ModelConfig
+from config import ModelConfig
 from utils.errors import WeightsError
 from utils.files import describe_contents, read_torch_file
 

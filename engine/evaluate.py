@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,30 +35,27 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from crf.refiner import Refiner, overlaps_network
 from dataset import build_dataset, class_names, color_map, make_loader, require_labels
 from engine.checkpoint import config_differences, networks_from_checkpoint
+from engine.rundir import CKPT_FILE, METRIC_NAMES, SETTINGS
 from model.ppap import fit_to_patches
-from utils.config import Config, EvalConfig, config_from_dict, config_to_dict
-from utils.crf import CRFPool
+from config import EVALUATION_INPUT, Config, EvalConfig, config_from_dict, config_to_dict, option_keys
 from utils.device import autocast
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, WeightsError
 from utils.files import to_json, write_text_atomically
-from utils.image import denormalize_batch
-from utils.lattice import dense_crf_torch_shared
-from utils.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
+from dataset.image import denormalize_batch
+from engine.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
 from utils import signals
-from utils.tracking import Tracker
-from utils.visualize import save_per_class_iou, save_segmentation_grid
+from engine.tracking import Tracker
+from engine.plots import save_per_class_iou, save_segmentation_grid
 
 log = logging.getLogger(__name__)
 
 CRF_CLUSTER_ALPHA = 2.0  # the cluster probe's similarities are sharpened by this factor before the CRF
 EVAL_BATCH_SIZE = 8  # validation batch size of the original training script
-METRIC_NAMES = ("Cluster_mIoU", "Cluster_Accuracy", "Linear_mIoU", "Linear_Accuracy")
-EVALUATION_SECTIONS = ("model.", "dataset.", "eval.")  # the options an evaluation depends on
-SETTINGS = {"no_crf": "before CRF", "crf": "after CRF"}  # result key -> how tables name it
-CKPT_FILE = "ckpt.pth"  # the file name the original eval.py loads from {output_dir}/{checkpoint}/
+EVALUATION_SECTIONS = option_keys(EVALUATION_INPUT)  # the options an evaluation depends on: dataset, model, eval
 
 
 @dataclass
@@ -112,6 +109,112 @@ class Evaluation:
         return out
 
 
+class ProbeOutputs(NamedTuple):
+    """One batch through the network and both probes, at the labels' size."""
+
+    linear_logits: Tensor  # B x C x H x W
+    cluster_inner: Tensor  # B x K x H x W: cosine similarities to the centroids (the code itself with is_direct)
+    cluster_loss: Tensor  # the cluster probe's loss, a mean over the batch's images
+
+    def crf_maps(self) -> list[Tensor]:
+        """The maps the CRF refines: log-softmax of the linear logits, and of the sharpened cluster similarities."""
+        return [F.log_softmax(self.linear_logits.float(), dim=1),
+                F.log_softmax(CRF_CLUSTER_ALPHA * self.cluster_inner.float(), dim=1)]
+
+
+def probe_outputs(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, img: Tensor,
+                  size: tuple[int, int], tta: bool, is_direct: bool) -> ProbeOutputs:
+    """The probes on the code of ``img`` (``segment_code``), upsampled bilinearly to ``size``."""
+    code = F.interpolate(segment_code(net, img, tta), size, mode="bilinear", align_corners=False)
+    cluster_out = cluster_probe(code, is_direct=is_direct)
+    return ProbeOutputs(linear_probe(code), cluster_out.inner, cluster_out.loss)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """The modules in eval mode for the block, then back in the mode each had."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
+class Evaluator:
+    """Scores batches of predictions (``process``) and, at the end, the whole evaluation (``result``): both probes
+    before and, with a ``refiner``, after dense CRF, the cluster probe's loss and the first images with their maps.
+
+    The refiner refines each batch's images (``CRF_MAPS``, both probes' maps) as the batch is processed; a pool
+    gives them back later, while the network computes the next batches, so labels wait in ``pending``."""
+
+    CRF_MAPS = ("linear", "cluster")  # the maps of ProbeOutputs.crf_maps, in its order
+
+    def __init__(self, n_classes: int, cfg: EvalConfig, device: torch.device, refiner: Optional[Refiner],
+                 n_examples: int, crf_bar: tqdm) -> None:
+        self.device, self.refiner, self.n_examples, self.crf_bar = device, refiner, n_examples, crf_bar
+        self.no_crf = Scores.empty(n_classes, cfg, device)
+        self.crf = Scores.empty(n_classes, cfg, device) if refiner is not None else None
+        self.loss_sum, self.n_images, self.crf_seconds = 0.0, 0, 0.0
+        self.examples: list[dict[str, np.ndarray]] = []
+        self.pending: dict[int, Tensor] = {}  # labels of images whose CRF result has not come back yet
+        self.crf_examples: dict[tuple[int, str], np.ndarray] = {}  # CRF maps of the example images
+
+    def process(self, img: Tensor, label: Tensor, out: ProbeOutputs) -> None:
+        linear_pred, cluster_pred = out.linear_logits.argmax(1), out.cluster_inner.argmax(1)
+        self.no_crf.cluster.update(cluster_pred, label)
+        self.no_crf.linear.update(linear_pred, label)
+        self.loss_sum += float(out.cluster_loss) * img.shape[0]
+        shown = min(img.shape[0], max(self.n_examples - self.n_images, 0))  # images of this batch to visualise
+        rgb = denormalize_batch(img) if self.refiner is not None or shown else None
+        for j in range(shown):
+            self.examples.append({"image": _np(rgb[j]), "ground truth": _np(label[j]),
+                                  "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
+        if self.refiner is not None:
+            maps = out.crf_maps()
+            start = _clock(self.device)
+            keys = range(self.n_images, self.n_images + img.shape[0])
+            self.pending.update(zip(keys, label))
+            self.refiner.submit(keys, rgb, maps)
+            self._collect(self.refiner.ready())
+            self.crf_seconds += _clock(self.device) - start
+        self.n_images += img.shape[0]
+
+    def finish(self) -> None:
+        """Wait for the images still being refined."""
+        if self.refiner is not None:
+            start = _clock(self.device)
+            self._collect(self.refiner.results())
+            self.crf_seconds += _clock(self.device) - start
+
+    def _collect(self, refined: Iterator[tuple[int, list[Tensor]]]) -> None:
+        for index, maps in refined:
+            label = self.pending.pop(index)
+            for kind, labels in zip(self.CRF_MAPS, maps):
+                getattr(self.crf, kind).update(labels, label)
+                if index < self.n_examples:
+                    self.crf_examples[(index, kind)] = _np(labels)
+            self.crf_bar.update(len(maps))
+
+    def result(self, world: World, seconds: float) -> Evaluation:
+        """The metrics of all processes' images (confusion matrices and loss summed over them)."""
+        loss_sum, n_images = world.sum(torch.tensor([self.loss_sum, self.n_images], dtype=torch.float64,
+                                                    device=self.device)).tolist()
+        self.no_crf.compute()
+        if self.crf is not None:
+            self.crf.compute()
+        for index, example in enumerate(self.examples):
+            example["cluster"] = _mapped(self.no_crf.cluster, example["cluster"])
+            if self.crf is not None:
+                example["linear + CRF"] = self.crf_examples[(index, "linear")]
+                example["cluster + CRF"] = _mapped(self.crf.cluster, self.crf_examples[(index, "cluster")])
+        return Evaluation(no_crf=self.no_crf, crf=self.crf, loss=loss_sum / n_images if n_images else math.nan,
+                          n_images=int(n_images), examples=self.examples, seconds=seconds,
+                          crf_seconds=self.crf_seconds)
+
+
 @torch.inference_mode()
 def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, loader: DataLoader,
              device: torch.device, precision: str, cfg: EvalConfig, n_classes: int, crf: bool = False,
@@ -121,80 +224,21 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
 
     With several processes, ``loader`` holds this process's share of the images, and the result (metrics, loss,
     number of images) is that of all of them; ``n_examples`` of process 0's first images are kept."""
-    start, crf_seconds = _clock(device), 0.0
-    modules = (net, linear_probe, cluster_probe)
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    no_crf = Scores.empty(n_classes, cfg, device)
-    with_crf = Scores.empty(n_classes, cfg, device) if crf else None
-    loss_sum, n_images, examples = 0.0, 0, []
-    pending: dict[int, Tensor] = {}  # labels of images whose CRF result has not come back yet
-    crf_results: dict[tuple[int, str], np.ndarray] = {}  # CRF maps of the example images
-    on_device = crf and cfg.crf_backend == "torch"  # refined here, a batch at a time; else by the pool
-    pool = CRFPool(cfg.crf_workers, output="labels") if crf and not on_device else contextlib.nullcontext()
+    start = _clock(device)
     quiet = None if world.is_main else True  # progress bars of process 0 only
+    refiner = Refiner(cfg.crf_backend, cfg.crf_workers) if crf else None
     crf_bar = tqdm(total=2 * len(loader.sampler), desc=f"{desc} CRF", leave=False, disable=quiet if crf else True)
-    try:
-        with pool, crf_bar:
-            for batch in tqdm(loader, desc=desc, leave=False, disable=quiet):
-                signals.check()  # a stop signal that arrived while the loader or the pool started workers
-                img = batch["img"].to(device, non_blocking=True)
-                label = batch["label"].to(device, non_blocking=True)
-                with autocast(device, precision):
-                    code = F.interpolate(segment_code(net, img, tta), label.shape[-2:], mode="bilinear",
-                                         align_corners=False)
-                    linear_logits = linear_probe(code)
-                    cluster_out = cluster_probe(code, is_direct=cfg.is_direct)
-                linear_pred, cluster_pred = linear_logits.argmax(1), cluster_out.inner.argmax(1)
-                no_crf.cluster.update(cluster_pred, label)
-                no_crf.linear.update(linear_pred, label)
-                loss_sum += float(cluster_out.loss) * img.shape[0]  # a mean over the batch's images
-                shown = min(img.shape[0], max(n_examples - n_images, 0))  # images of this batch to visualise
-                rgb = denormalize_batch(img) if crf or shown else None
-                for j in range(shown):
-                    examples.append({"image": _np(rgb[j]), "ground truth": _np(label[j]),
-                                     "linear": _np(linear_pred[j]), "cluster": _np(cluster_pred[j])})
-                if crf:
-                    crf_inputs = {"linear": F.log_softmax(linear_logits.float(), dim=1),
-                                  "cluster": F.log_softmax(CRF_CLUSTER_ALPHA * cluster_out.inner.float(), dim=1)}
-                crf_start = _clock(device) if crf else 0.0
-                if on_device:  # both probes' maps refined with one lattice per kernel
-                    for kind, probs in zip(crf_inputs, dense_crf_torch_shared(rgb, list(crf_inputs.values()))):
-                        refined = probs.argmax(1)
-                        getattr(with_crf, kind).update(refined, label)
-                        crf_results.update({(n_images + j, kind): _np(refined[j]) for j in range(shown)})
-                    crf_bar.update(2 * img.shape[0])
-                elif crf:
-                    images, crf_inputs = _np(rgb), {kind: _np(scores) for kind, scores in crf_inputs.items()}
-                    for j, image in enumerate(images):
-                        index = n_images + j
-                        pending[index] = label[j]
-                        for kind in ("linear", "cluster"):  # cluster last: its result completes the image
-                            pool.submit((index, kind), image, crf_inputs[kind][j])
-                    _collect(pool.ready(), pending, with_crf, crf_results, n_examples, device, crf_bar)
-                if crf:
-                    crf_seconds += _clock(device) - crf_start
-                n_images += img.shape[0]
-            if crf and not on_device:
-                wait_start = time.perf_counter()
-                _collect(pool.results(), pending, with_crf, crf_results, n_examples, device, crf_bar)
-                crf_seconds += time.perf_counter() - wait_start
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
-    loss_sum, n_images = world.sum(torch.tensor([loss_sum, n_images], dtype=torch.float64, device=device)).tolist()
-    no_crf.compute()  # sums the confusion matrices of the processes
-    if with_crf is not None:
-        with_crf.compute()
-    for index, example in enumerate(examples):
-        example["cluster"] = _mapped(no_crf.cluster, example["cluster"])
-        if with_crf is not None:
-            example["linear + CRF"] = crf_results[(index, "linear")]
-            example["cluster + CRF"] = _mapped(with_crf.cluster, crf_results[(index, "cluster")])
-    return Evaluation(no_crf=no_crf, crf=with_crf, loss=loss_sum / n_images if n_images else math.nan,
-                      n_images=int(n_images), examples=examples, seconds=_clock(device) - start,
-                      crf_seconds=crf_seconds)
+    with eval_mode(net, linear_probe, cluster_probe), refiner or contextlib.nullcontext(), crf_bar:
+        evaluator = Evaluator(n_classes, cfg, device, refiner, n_examples, crf_bar)
+        for batch in tqdm(loader, desc=desc, leave=False, disable=quiet):
+            signals.check()  # a stop signal that arrived while the loader or the pool started workers
+            img = batch["img"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            with autocast(device, precision):
+                out = probe_outputs(net, linear_probe, cluster_probe, img, label.shape[-2:], tta, cfg.is_direct)
+            evaluator.process(img, label, out)
+        evaluator.finish()
+    return evaluator.result(world, seconds=_clock(device) - start)
 
 
 def _clock(device: torch.device) -> float:
@@ -214,17 +258,6 @@ def segment_code(net: nn.Module, img: Tensor, tta: bool = False) -> Tensor:
     if tta:
         code = (code + net(img.flip(-1)).code.flip(-1)) / 2
     return code
-
-
-def _collect(results, pending: dict[int, Tensor], scores: Scores, examples: dict, n_examples: int,
-             device: torch.device, bar: tqdm) -> None:
-    for (index, kind), labels in results:
-        bar.update()
-        getattr(scores, kind).update(torch.from_numpy(labels).to(device), pending[index])
-        if index < n_examples:
-            examples[(index, kind)] = labels
-        if kind == "cluster":  # submitted last: the image is done
-            del pending[index]
 
 
 def _mapped(metric: UnsupervisedMetrics, clusters: np.ndarray) -> np.ndarray:
@@ -360,7 +393,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
         print(format_table(rows))
         print("evaluation time: " + "; ".join(times) + (
             " (the CRF pool's workers refine while the network runs: counted is the time spent handing them images "
-            "and waiting for them)" if cfg.eval.is_crf and cfg.eval.crf_backend == "pydensecrf" else ""))
+            "and waiting for them)" if cfg.eval.is_crf and overlaps_network(cfg.eval.crf_backend) else ""))
     return Reports(metrics=results, files=files)
 
 

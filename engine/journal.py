@@ -6,7 +6,6 @@ log.jsonl (the name the code uses), its wandb name and its console format.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,11 +14,12 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 from tqdm import tqdm
 
-from engine.evaluate import METRIC_NAMES, Evaluation, save_report
+from engine.evaluate import Evaluation, save_report
+from engine.rundir import METRIC_NAMES, VAL_FOLDER, read_log
 from utils.errors import OutputError
 from utils.files import to_json, write_text_atomically
-from utils.tracking import Tracker
-from utils.visualize import save_curves
+from engine.tracking import Tracker
+from engine.plots import save_curves
 
 
 class Field(NamedTuple):
@@ -85,7 +85,7 @@ class Journal:
                      "best": improved})
         self.tracker.log({**metrics, "iters": iteration, "valid_loss": ev.loss}, step=iteration)
         if self.tracker.run is not None:
-            paths = save_report(ev, run_dir / "val", names, colors, checkpoint="(training)")
+            paths = save_report(ev, run_dir / VAL_FOLDER, names, colors, checkpoint="(training)")
             self.tracker.log_images({"val_segmentation": paths["visualization"],
                                      "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)
 
@@ -100,21 +100,6 @@ class Journal:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a log.jsonl (none if there is no file); a line cut short by a kill is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def trim_log(path: Path, iteration: int) -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -34,12 +34,12 @@ from tqdm import tqdm
 from dataset.base import read_image
 from dataset.transforms import EVAL_RES
 from engine.evaluate import CRF_CLUSTER_ALPHA, checkpoint_sha256, segment_code
-from utils.crf import CRFPool
+from engine.rundir import REPORT_SUFFIX
+from crf.refiner import Refiner
 from utils.device import autocast
 from utils.errors import DataError, UserError
 from utils.files import atomic_output, write_text_atomically
-from utils.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_batch, denormalize_to_uint8
-from utils.lattice import dense_crf_torch
+from dataset.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_batch
 from utils import signals
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ LEGEND_SWATCH = 14  # pixels
 UNMATCHED_COLOR = (128, 128, 128)
 OUTPUT_SUFFIXES = (".png", "_overlay.jpg")  # NAME.png, NAME_overlay.jpg
 SCORES_SUFFIX = "_scores.npz"
-REPORT_SUFFIX = "_eval_report.json"  # eval.py's and run.py's report beside a checkpoint: {stem}_eval_report.json
 NO_REPORT_HINT = "run eval.py on the checkpoint first, or predict with --probe linear"
 
 
@@ -365,14 +364,16 @@ def predict(net: nn.Module, linear: nn.Module, cluster: nn.Module, inputs: Seque
     there is kept as it is. Animations and multi-page files are listed in the summary, not segmented.
 
     Consecutive images that the network sees at the same size (the frames of a video, a camera's photos) go through
-    it in batches of up to ``batch_size``; with ``crf`` the CRF pool refines earlier images meanwhile, or, with
-    ``crf_backend`` "torch", each batch is refined on the device."""
+    it in batches of up to ``batch_size``; with ``crf`` the dense CRF of ``crf_backend`` refines them (a pool of
+    workers refines earlier images meanwhile)."""
     for m in (net, linear, cluster):
         m.eval()
     summary = Summary()
-    on_device = crf and crf_backend == "torch"
-    pool = CRFPool(crf_workers, output="labels") if crf and not on_device else contextlib.nullcontext()
-    waiting: dict[Path, Prediction] = {}  # images in the CRF pool
+    refiner = Refiner(crf_backend, crf_workers) if crf else None
+    waiting: dict[Path, Prediction] = {}  # images being refined
+
+    def write(done: Prediction, outputs: np.ndarray) -> None:
+        _write(done, outputs, out_dir, labels, save_scores, summary)
 
     def run(batch: list[tuple[Input, Image.Image, Tensor]]) -> None:
         img = torch.stack([tensor for _, _, tensor in batch]).to(device)
@@ -380,49 +381,60 @@ def predict(net: nn.Module, linear: nn.Module, cluster: nn.Module, inputs: Seque
             code = F.interpolate(segment_code(net, img, tta), img.shape[-2:], mode="bilinear", align_corners=False)
             scores = linear(code) if probe == "linear" else CRF_CLUSTER_ALPHA * cluster(code).inner
         log_probs = F.log_softmax(scores.float(), dim=1)
-        refined = dense_crf_torch(denormalize_batch(img), log_probs).argmax(1).cpu().numpy() if on_device else None
-        log_probs = log_probs.cpu().numpy()
-        for j, (item, image, _) in enumerate(batch):
-            done = Prediction(item.name, image, log_probs[j])
-            if on_device:
-                _write(done, refined[j], out_dir, labels, save_scores, summary)
-            elif crf:
-                waiting[item.name] = done
-                pool.submit(item.name, denormalize_to_uint8(img[j]), log_probs[j])
-            else:
-                _write(done, log_probs[j].argmax(0), out_dir, labels, save_scores, summary)
-        if crf and not on_device:
-            for key, crf_labels in pool.ready():
-                _write(waiting.pop(key), crf_labels, out_dir, labels, save_scores, summary)
+        host = log_probs.cpu().numpy()
+        done = [Prediction(item.name, image, host[j]) for j, (item, image, _) in enumerate(batch)]
+        if refiner is None:
+            for prediction in done:
+                write(prediction, prediction.scores.argmax(0))
+            return
+        waiting.update((prediction.name, prediction) for prediction in done)
+        refiner.submit([prediction.name for prediction in done], denormalize_batch(img), [log_probs])
+        for name, (refined,) in refiner.ready():
+            write(waiting.pop(name), refined.cpu().numpy())
 
-    with pool, torch.inference_mode():
-        batch: list[tuple[Input, Image.Image, Tensor]] = []
-        for item in tqdm(inputs, desc="predict", unit="image", disable=None):
-            signals.check()
-            if skip_existing and all(path.is_file() for path in output_paths(out_dir, item.name, save_scores)):
-                summary.kept += 1  # outputs are written atomically: one that is there is complete
-                continue
-            several = _several_frames(item.path)
-            if several is not None:
-                summary.unsupported.append((item.path, several))
-                continue
-            try:
-                image = read_upright(item.path)
-            except DataError as err:
-                summary.failed.append((item.path, _reason(err)))
-                log.warning("skipped %s", err)
-                continue
-            tensor = prepare(image, net.patch_size)
-            if batch and (tensor.shape != batch[0][2].shape or len(batch) == batch_size):
-                run(batch)
-                batch = []
-            batch.append((item, image, tensor))
-        if batch:
+    with refiner or contextlib.nullcontext(), torch.inference_mode():
+        readable = _readable(inputs, net.patch_size, summary, out_dir if skip_existing else None, save_scores)
+        for batch in _batches(readable, batch_size):
             run(batch)
-        if crf and not on_device:
-            for key, crf_labels in pool.results():
-                _write(waiting.pop(key), crf_labels, out_dir, labels, save_scores, summary)
+        if refiner is not None:
+            for name, (refined,) in refiner.results():
+                write(waiting.pop(name), refined.cpu().numpy())
     return summary
+
+
+def _readable(inputs: Sequence[Input], patch: int, summary: Summary, kept_in: Optional[Path],
+              save_scores: bool) -> Iterator[tuple[Input, Image.Image, Tensor]]:
+    """Each input read upright and prepared for the network; the inputs whose outputs are all in ``kept_in``, that
+    hold several frames or that cannot be read are counted in ``summary`` instead."""
+    for item in tqdm(inputs, desc="predict", unit="image", disable=None):
+        signals.check()
+        if kept_in is not None and all(path.is_file() for path in output_paths(kept_in, item.name, save_scores)):
+            summary.kept += 1  # outputs are written atomically: one that is there is complete
+            continue
+        several = _several_frames(item.path)
+        if several is not None:
+            summary.unsupported.append((item.path, several))
+            continue
+        try:
+            image = read_upright(item.path)
+        except DataError as err:
+            summary.failed.append((item.path, _reason(err)))
+            log.warning("skipped %s", err)
+            continue
+        yield item, image, prepare(image, patch)
+
+
+def _batches(readable: Iterator[tuple[Input, Image.Image, Tensor]],
+             batch_size: int) -> Iterator[list[tuple[Input, Image.Image, Tensor]]]:
+    """Consecutive inputs of one network size, up to ``batch_size`` at a time."""
+    batch: list[tuple[Input, Image.Image, Tensor]] = []
+    for entry in readable:
+        if batch and (entry[2].shape != batch[0][2].shape or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(entry)
+    if batch:
+        yield batch
 
 
 def _reason(err: DataError) -> str:

@@ -29,26 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from engine.evaluate import METRIC_NAMES
-from engine.journal import read_log
-from engine.train import CONFIG_FILE, DATA_FILE, FINAL_METRICS, LOG_FILE
-from utils.config import config_from_dict, config_to_dict
+from engine.rundir import (CHECKPOINTS, CONFIG_FILE, DATA_FILE, FINAL_METRICS, LOG_FILE, METRIC_NAMES, SETTINGS,
+                           SUMMARY_CSV, SUMMARY_CURVES, SUMMARY_FILES, SUMMARY_JSON, SUMMARY_MD, read_log)
+from config import NO_EFFECT, config_from_dict, config_to_dict, option_keys
 from utils.errors import ConfigError, UserError
 from utils.files import to_json, write_text_atomically
-from utils.visualize import save_group_curves
+from engine.plots import save_group_curves
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = {"best": "best.pth", "last": "last.pth"}
-SETTINGS = {"no_crf": "before CRF", "crf": "after CRF"}
-# options that do not change what a run computes: left out when runs are grouped (the seed is what varies in a group)
-NOT_THE_EXPERIMENT = ("seed", "output_dir", "checkpoint", "gpu_ids", "device", "wandb.", "dataset.data_path",
-                      "dataloader.num_workers", "train.print_freq", "eval.crf_workers", "eval.n_images",
-                      "eval.is_visualize")
-SUMMARY_FILES = ("summary.md", "summary.json", "summary.csv")
+# The seed changes the computation but tells the runs of one experiment apart (it is what varies in a group); the
+# device changes the kernels and what precision "auto" means, yet one experiment may run on several machines.
+RUN_NOT_EXPERIMENT = ("seed", "device")
+# options left out when runs are grouped: those that do not change what a run computes, and the two above
+NOT_THE_EXPERIMENT = option_keys(NO_EFFECT) + RUN_NOT_EXPERIMENT
 DATA_KEY = "data"  # the option under which a run's data is compared: a short hash of its fingerprint
 DATA_HASH_CHARS = 8  # hex digits of that hash shown (32 bits: two data sets of one study do not collide)
-SUMMARY_CURVES = "summary_curves.png"
 
 
 @dataclass
@@ -248,7 +244,7 @@ def write_summary(runs: list[Run], out_dir: Path, failed: Sequence[tuple[str, st
     markdown = "# Runs\n\n" + tables(runs, summary) + "\n"
     if failed:
         markdown += "## Runs that did not finish\n\n" + "".join(f"- {name}: {reason}\n" for name, reason in failed)
-    texts = {"summary.md": markdown, "summary.json": to_json(summary, indent=2) + "\n", "summary.csv": rows.getvalue()}
+    texts = {SUMMARY_MD: markdown, SUMMARY_JSON: to_json(summary, indent=2) + "\n", SUMMARY_CSV: rows.getvalue()}
     paths = []
     for name in SUMMARY_FILES:
         write_text_atomically(out_dir / name, texts[name])

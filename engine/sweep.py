@@ -1,4 +1,4 @@
-"""Sweeps: ``run.py --multirun`` trains one run per combination of the swept values (utils/overrides.py).
+"""Sweeps: ``run.py --multirun`` trains one run per combination of the swept values (config/overrides.py).
 
 Every run is a run.py of its own, in its own process, so that one run that fails (diverges, meets a bad image,
 runs out of memory) ends only itself: the sweep records why and goes on. The runs live in the sweep's folder
@@ -31,16 +31,14 @@ from pathlib import Path
 from typing import IO, Optional, Sequence
 
 from engine.report import find_runs, summarize, tables, write_summary
-from engine.train import BEST, CONFIG_FILE, FINAL_METRICS, LAST, RUN_LOCK
+from engine.rundir import BEST, CONFIG_FILE, CONSOLE_FILE, FINAL_METRICS, LAST, SWEEP_FILE, own_folder
 from utils import signals
-from utils.config import Config, load_config
+from config import Config, load_config
 from utils.distributed import detect_launch
-from utils.errors import ConfigError, UserError
-from utils.files import FolderLock, to_json, write_text_atomically
-from utils.overrides import Setting, parse_sweep, run_name
+from utils.errors import ConfigError, ExitStatus, UserError
+from utils.files import to_json, write_text_atomically
+from config.overrides import Setting, parse_sweep, run_name
 
-SWEEP_FILE = "sweep.json"
-CONSOLE_FILE = "console.log"  # a run's output when several runs share the terminal (--jobs N)
 POLL_S = 0.2  # how often the sweep looks whether a run has ended
 TAIL_BYTES = 8192  # of a run's stderr, kept for the reason it failed
 NOT_SWEPT = ("output_dir", "wandb.name")  # they name the sweep's folder
@@ -125,10 +123,7 @@ def run_sweep(program: Path, opt: str, items: Sequence[str], *, data_path: Optio
         raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
     plan = plan_sweep(opt, items, data_path)
     slots = slots if slots is not None else device_slots(plan.base, jobs)
-    lock = FolderLock(plan.folder / RUN_LOCK)
-    if not lock.acquire():
-        raise UserError(f"{plan.folder} is in use by {lock.holder()}; wait for that sweep to end, or choose another "
-                        f"wandb.name or output_dir")
+    lock = own_folder(plan.folder, "sweep")
     try:
         _check_folder(plan, resume)
         before = _previous_state(plan.folder) if resume else {}
@@ -208,7 +203,7 @@ class _Running:
                 _write_stderr(chunk)
 
     def reason(self, status: int) -> Optional[str]:
-        if status == 0:
+        if status == ExitStatus.OK:
             return None
         errors = [line for line in self.tail.decode("utf-8", "replace").splitlines() if line.startswith("error: ")]
         if errors:
@@ -217,8 +212,8 @@ class _Running:
             return f"killed by {signal.Signals(-status).name}"
         if status > 128 and status - 128 in signal.valid_signals():
             return f"stopped by {signal.Signals(status - 128).name}"
-        return {1: "training diverged", 2: "a mistake in its options, data or files"}.get(status,
-                                                                                           f"exit status {status}")
+        return {ExitStatus.FAILED: "training diverged",
+                ExitStatus.USER_ERROR: "a mistake in its options, data or files"}.get(status, f"exit status {status}")
 
 
 def _write_stderr(chunk: bytes) -> None:
@@ -290,9 +285,9 @@ def _ended(running: _Running, status: int) -> None:
         running.out.close()
     run = running.run
     run.exit_status, run.seconds = status, round(time.monotonic() - running.started, 1)
-    run.status = "done" if status == 0 else "failed"
+    run.status = "done" if status == ExitStatus.OK else "failed"
     run.reason = running.reason(status)
-    print(f"=== sweep run {run.name}: " + ("done" if status == 0 else f"FAILED ({run.reason})")
+    print(f"=== sweep run {run.name}: " + ("done" if status == ExitStatus.OK else f"FAILED ({run.reason})")
           + f" after {_duration(run.seconds)} ===", flush=True)
 
 
@@ -331,7 +326,7 @@ def _finish(plan: Plan) -> int:
         print(tables(runs, summarize(runs)))
         for path in paths:
             print(f"wrote {path}")
-    return 1 if failed else 0
+    return ExitStatus.FAILED if failed else ExitStatus.OK
 
 
 def _duration(seconds: float) -> str:

@@ -2,21 +2,12 @@
 
 ``setup()`` builds a new run or restores one from its last.pth; ``train_one_epoch()`` runs the steps;
 ``validate_and_save()`` scores the validation set and writes the checkpoints; ``train()`` puts them together and
-ends with the final evaluation of best.pth and last.pth.
+ends with the final evaluation of best.pth and last.pth. The step is written out in ``train_one_epoch()``, where it
+happens, so that it reads top to bottom; the README's Training section says what it computes.
 
-One iteration: under autocast, the network's forward pass, the PPAP loss on (z, feats) (computed in fp32 whatever
-the autocast), and the linear probe's cross-entropy and the cluster probe's loss on ``code.detach()``, so that
-labels reach only the probes; then the step, as DINO writes it with torch.amp: scale the loss and backpropagate,
-unscale the network's gradients and clip their norm, step the three optimizers (network, linear probe, cluster
-probe), update the fp16 loss scale once.
-
-Data-parallel (``torchrun``, ``srun``): ``dataloader.batch_size`` is the global batch, and every process trains on
-its part of it (``EpochSampler``). What one process would compute is computed: the PPAP loss gathers the rows of
-all processes and each process computes its share of the anchors; every loss term is this process's part of the
-global batch's loss (the parts sum to it), and the backward pass is scaled by the number of processes, which DDP
-divides the summed gradients by. The random numbers of an iteration (feature dropout, anchors) are drawn for the
-global batch from a stream of (seed, iteration), the same on every process. Process 0 owns the run directory,
-writes the checkpoints, the log and the reports, prints and logs to wandb; the others wait for its checkpoints.
+Every function runs on every process of a data-parallel run (``torchrun``, ``srun``; README: "Many GPUs and many
+machines"), each on its part of the global batch. Process 0 owns the run directory: it writes the checkpoints, the
+log and the reports, prints and logs to wandb; the others wait for its checkpoints.
 """
 from __future__ import annotations
 
@@ -39,29 +30,30 @@ from tqdm import tqdm
 from dataset import EpochSampler, SeededSamples, build_dataset, class_names, color_map, fingerprint, make_loader
 from engine.checkpoint import (config_differences, load_checkpoint, load_networks, require_training_state,
                                set_rng_state, training_checkpoint)
-from engine.evaluate import EVAL_BATCH_SIZE, METRIC_NAMES, evaluate, evaluate_and_report
+from engine.evaluate import EVAL_BATCH_SIZE, evaluate, evaluate_and_report
 from engine.journal import LABELS, Journal, trim_log
+from engine.rundir import (BEST, CONFIG_FILE, CURVES_FILE, DATA_FILE, FINAL_METRICS, LAST, LOG_FILE, METRIC_NAMES,
+                           own_folder)
 from loss import PPAPLoss, PPAPResult
 from model import build_model, dropout_mask
-from utils.config import Config, OptimConfig, OptimizerConfig, config_to_dict
+from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_to_dict, option_keys
 from utils.device import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, DataError, UserError
 from utils.files import FolderLock, remove_temporaries, save_atomically, to_json, write_text_atomically
 from utils import signals
-from utils.tracking import Tracker
+from engine.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pth", "best.pth"
-CONFIG_FILE, LOG_FILE, FINAL_METRICS, CURVES_FILE = "config.json", "log.jsonl", "final_metrics.json", "curves.png"
-DATA_FILE = "data_fingerprint.json"  # what tells the data a run reads apart (dataset.fingerprint); written as it starts
-RUN_LOCK = ".lock"  # held by the process that owns the run directory
 VAL_EXAMPLES = 4  # validation images shown in wandb at each validation
 ITERATION_STREAM = 1  # tells the random stream of the iterations apart from others derived from the seed
+# A resumed run keeps the steps it has taken, so besides the options that change no computation it may run for more
+# epochs, validate and save at other iterations, evaluate otherwise (the eval options change validations and the final
+# evaluation, never a training step) and switch deterministic kernels (the same arithmetic, other rounding).
+RESUMED_RUN_MAY_CHANGE = ("train.epoch", "train.valid_freq", "eval.", "deterministic")
 # Config keys that may change between a run and its --resume without changing what is computed.
-RESUMABLE_CHANGES = ("train.epoch", "train.print_freq", "train.valid_freq", "dataloader.num_workers", "wandb.",
-                     "eval.", "dataset.data_path", "output_dir", "checkpoint", "gpu_ids", "deterministic")
+RESUMABLE_CHANGES = option_keys(NO_EFFECT) + RESUMED_RUN_MAY_CHANGE
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,18 +215,9 @@ def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_f
                      cluster=cluster(code).loss / world.size), ppap
 
 
-def own_run_dir(run_dir: Path) -> FolderLock:
-    """Lock ``run_dir`` for this process (created if needed), or raise ``UserError`` naming the run that holds it."""
-    lock = FolderLock(run_dir / RUN_LOCK)
-    if not lock.acquire():
-        raise UserError(f"{run_dir} is in use by {lock.holder()}; wait for that run to end, or choose another "
-                        f"wandb.name or output_dir")
-    return lock
-
-
 def claim_run_dir(run_dir: Path, world: World) -> Optional[FolderLock]:
     """Process 0 locks ``run_dir``; every process raises the error if it cannot."""
-    return world.agree(lambda: own_run_dir(run_dir) if world.is_main else None)
+    return world.agree(lambda: own_folder(run_dir, "run") if world.is_main else None)
 
 
 def setup(cfg: Config, run_dir: Path, fabric: Fabric, resume: bool = False) -> Run:
@@ -306,20 +289,26 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
               n_classes=val_set.n_classes, validate=validate,
               data_fingerprint=fingerprint({"train": train_set, "val": val_set}, cfg.dataset.data_path))
     if ckpt is not None:
-        load_networks(ckpt, run.net, run.linear, run.cluster, str(last_path))
-        for name, optimizer in run.optimizers._asdict().items():
-            optimizer.load_state_dict(ckpt[f"{name}_optimizer_state_dict"])
-        if ckpt.get("scaler_state_dict"):  # empty (or None) without fp16
-            run.scaler.load_state_dict(ckpt["scaler_state_dict"])
-        run.progress.load_state_dict(ckpt)
-        if run.progress.batch_in_epoch >= sampler.batches_per_epoch():  # saved at the end of an epoch
-            run.progress.epoch, run.progress.batch_in_epoch = run.progress.epoch + 1, 0
-        run.wandb_run_id = ckpt["wandb_run_id"]
-        set_rng_state(ckpt["rng_state"])  # last: building the model above draws random numbers
-        if world.is_main:
-            log.info("resuming %s at epoch %d, batch %d (iteration %d)", last_path, run.progress.epoch,
-                     run.progress.batch_in_epoch, run.progress.iteration)
+        _restore(run, ckpt, last_path)
     return run
+
+
+def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> None:
+    """Put a freshly built run where its checkpoint ``path`` left it: weights, optimizers, loss scale, progress,
+    wandb run and random streams."""
+    load_networks(ckpt, run.net, run.linear, run.cluster, str(path))
+    for name, optimizer in run.optimizers._asdict().items():
+        optimizer.load_state_dict(ckpt[f"{name}_optimizer_state_dict"])
+    if ckpt.get("scaler_state_dict"):  # empty (or None) without fp16
+        run.scaler.load_state_dict(ckpt["scaler_state_dict"])
+    run.progress.load_state_dict(ckpt)
+    if run.progress.batch_in_epoch >= run.sampler.batches_per_epoch():  # saved at the end of an epoch
+        run.progress.epoch, run.progress.batch_in_epoch = run.progress.epoch + 1, 0
+    run.wandb_run_id = ckpt["wandb_run_id"]
+    set_rng_state(ckpt["rng_state"])  # last: building the model draws random numbers
+    if run.world.is_main:
+        log.info("resuming %s at epoch %d, batch %d (iteration %d)", path, run.progress.epoch,
+                 run.progress.batch_in_epoch, run.progress.iteration)
 
 
 def _start_writing(run: Run) -> None:
@@ -496,7 +485,7 @@ def evaluate_run(cfg: Config, run_dir: Path, fabric: Fabric, tracker: Tracker) -
     def claim() -> Optional[FolderLock]:
         if not run_dir.is_dir():
             raise UserError(f"--test: {run_dir} not found; train first (run.py without --test)")
-        return own_run_dir(run_dir) if world.is_main else None
+        return own_folder(run_dir, "run") if world.is_main else None
 
     lock = world.agree(claim)
     try:

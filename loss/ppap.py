@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from utils.config import TrainingCoeff
+from config import TrainingCoeff
 from utils.distributed import ONE_PROCESS, World
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # anchors x rows per chunk: 64 MiB per fp32 temporary

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from model.vit import VisionTransformer, vit
 from model.weights import load_backbone_weights
-from utils.config import ModelConfig
+from config import ModelConfig
 
 FEATS_DROPOUT = 0.1  # Dropout2d on the frozen features: the released models were trained with it
 

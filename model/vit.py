@@ -1,7 +1,7 @@
 """The Vision Transformers of DINO, DINOv2 (plain and with registers) and DINOv3, with the exact parameter names of
 their official checkpoints.
 
-One ``VisionTransformer`` serves the four families; ``FAMILIES`` says how they differ:
+One ``VisionTransformer`` serves the four families; the families' table (config/families.py) says how they differ:
 - DINO (facebookresearch/dino): learned position embedding for a 224-px grid, resized by scale factor with a 0.1
   offset (dino issue #8); LayerNorm eps 1e-6; GELU MLP; no LayerScale.
 - DINOv2 (facebookresearch/dinov2, as its hub builds the models): learned position embedding for a 518-px grid
@@ -21,58 +21,20 @@ second-to-last block as well as the last one; there is no ``forward``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.config import BACKBONES
+from config import BACKBONES, Family, Size
 
 Rope = Optional[tuple[Tensor, Tensor]]  # (sin, cos) of the patch tokens, (h*w, head_dim) each, or None
 
-
-class Arch(NamedTuple):
-    depth: int
-    num_heads: int
-    ffn_ratio: float = 4.0
-    swiglu: bool = False
-
-
-ARCHS = {  # (family, model_type) -> the official model's shape (width: utils.config.BACKBONES)
-    ("dino", "vit_tiny"): Arch(12, 3), ("dino", "vit_small"): Arch(12, 6), ("dino", "vit_base"): Arch(12, 12),
-    ("dinov2", "vit_small"): Arch(12, 6), ("dinov2", "vit_base"): Arch(12, 12), ("dinov2", "vit_large"): Arch(24, 16),
-    ("dinov2", "vit_giant2"): Arch(40, 24, swiglu=True),
-    ("dinov3", "vit_small"): Arch(12, 6), ("dinov3", "vit_small_plus"): Arch(12, 6, 6.0, swiglu=True),
-    ("dinov3", "vit_base"): Arch(12, 12), ("dinov3", "vit_large"): Arch(24, 16),
-    ("dinov3", "vit_huge_plus"): Arch(32, 20, 6.0, swiglu=True),
-}
-for _size in ("vit_small", "vit_base", "vit_large", "vit_giant2"):  # the same models, with registers
-    ARCHS[("dinov2_reg", _size)] = ARCHS[("dinov2", _size)]
-
-
-class FamilySpec(NamedTuple):
-    norm_eps: float
-    layer_scale: bool
-    extra_tokens: int  # registers (DINOv2) or storage tokens (DINOv3) after the CLS token
-    position: str  # "learned" (resized) or "rope"
-    pretrain_img_size: int  # the image size the learned position embedding covers
-    pos_offset: float  # added to the target grid when resizing by scale factor; 0: resize to the size
-    pos_antialias: bool
-    pos_in_fp32: bool  # DINOv2 resizes in float32 and adds the embedding in the tokens' dtype
-    masked_k_bias: bool  # DINOv3: the key part of the qkv bias is multiplied by the bias_mask buffer
-    mask_token: bool  # a (unused) mask_token parameter is part of the official state dict
-    fused_swiglu: bool  # DINOv2's SwiGLU keeps w1 and w2 as one layer, w12
-
-
-FAMILIES = {
-    "dino": FamilySpec(1e-6, False, 0, "learned", 224, 0.1, False, False, False, False, False),
-    "dinov2": FamilySpec(1e-6, True, 0, "learned", 518, 0.1, False, True, False, True, True),
-    "dinov2_reg": FamilySpec(1e-6, True, 4, "learned", 518, 0.0, True, True, False, True, True),
-    "dinov3": FamilySpec(1e-5, True, 4, "rope", 224, 0.0, False, False, True, True, False),
-}
-ROPE_BASE = 100.0  # DINOv3's hub models: periods base ** (2 i / (head_dim / 2))
+ARCHS = {(name, model_type): size  # (family, model_type) -> the official model's shape
+         for name, family in BACKBONES.items() for model_type, size in family.sizes.items()}
 INIT_STD = 0.02  # trunc_normal_ std of weights, position embedding and tokens in all three codebases
 LAYER_SCALE_INIT = 1e-5
 
@@ -176,7 +138,7 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, arch: Arch, spec: FamilySpec) -> None:
+    def __init__(self, dim: int, arch: Size, spec: Family) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
         self.attn = Attention(dim, arch.num_heads, spec.masked_k_bias)
@@ -198,7 +160,7 @@ class RopeEmbedding(nn.Module):
     """DINOv3's axial RoPE: sin and cos of 2 pi x / period for the row and the column coordinate of each patch, in
     [-1, 1] normalised separately per axis, without the coordinate augmentations of DINOv3's pretraining."""
 
-    def __init__(self, head_dim: int, base: float = ROPE_BASE) -> None:
+    def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
         quarter = head_dim // 4
         self.register_buffer("periods", base ** (2 * torch.arange(quarter, dtype=torch.float32) / (head_dim // 2)))
@@ -219,26 +181,28 @@ class VisionTransformer(nn.Module):
     def __init__(self, family: str = "dino", model_type: str = "vit_small", patch_size: int = 16,
                  depth: Optional[int] = None) -> None:
         super().__init__()
-        spec, arch = FAMILIES[family], ARCHS[(family, model_type)]
+        spec = BACKBONES[family]
+        arch = spec.sizes[model_type]
         if depth is not None:
-            arch = arch._replace(depth=depth)
-        embed_dim = BACKBONES[family].widths[model_type]
+            arch = dataclasses.replace(arch, depth=depth)
+        embed_dim = arch.width
         self.family, self.spec = family, spec
         self.patch_size = patch_size
         self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 + spec.extra_tokens  # CLS, then registers or storage tokens
+        self.num_prefix_tokens = 1 + spec.registers + spec.storage_tokens  # CLS, then registers or storage tokens
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if spec.position == "learned":
             grid = spec.pretrain_img_size // patch_size
             self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        if spec.extra_tokens and family.startswith("dinov2"):
-            self.register_tokens = nn.Parameter(torch.zeros(1, spec.extra_tokens, embed_dim))
-        elif spec.extra_tokens:
-            self.storage_tokens = nn.Parameter(torch.zeros(1, spec.extra_tokens, embed_dim))
+        if spec.registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, spec.registers, embed_dim))
+        if spec.storage_tokens:
+            self.storage_tokens = nn.Parameter(torch.zeros(1, spec.storage_tokens, embed_dim))
         if spec.mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # used by the family's pretraining only
-        self.rope_embed = RopeEmbedding(embed_dim // arch.num_heads) if spec.position == "rope" else None
+        rotary = spec.position == "rope"
+        self.rope_embed = RopeEmbedding(embed_dim // arch.num_heads, spec.rope_base) if rotary else None
         self.blocks = nn.ModuleList([Block(embed_dim, arch, spec) for _ in range(arch.depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=spec.norm_eps)
         self._init_weights()

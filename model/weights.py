@@ -1,4 +1,5 @@
-"""Backbone weights: the official DINO and DINOv2 downloads, local files in every format we know, or a random start.
+"""Backbone weights: the official DINO and DINOv2 downloads (the families' table, config/families.py, names the files),
+local files in every format we know, or a random start.
 
 Every state dict is loaded with strict=True after an explicit comparison of keys and shapes, so a file that
 does not fit is an error that says what differs (and, for a file of another family or size, what it looks like),
@@ -14,55 +15,43 @@ import torch
 from torch import Tensor, nn
 
 from utils.files import describe_contents, listed, read_torch_file
-from utils.config import BACKBONES, NONE_WEIGHTS, PretrainedConfig
+from config import BACKBONES, NONE_WEIGHTS, PretrainedConfig
 from utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
-DINO_BASE_URL = "https://dl.fbaipublicfiles.com/dino/"
-DINO_RELEASES = {  # (arch, patch) -> file of the official release, as in DINO's hubconf and the original code
-    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-    ("vit_small", 8): "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
-    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
-}
-DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2/"  # the hub's files: dinov2_vits14/dinov2_vits14_reg4_pretrain.pth
-DINOV3_DOWNLOADS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
-DINOV3_FILES = {  # the LVD-1689M releases, as DINOv3's hub names them
-    "vit_small": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
-    "vit_small_plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
-    "vit_base": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
-    "vit_large": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
-    "vit_huge_plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth",
-}
+DINO_BASE_URL = BACKBONES["dino"].weights_url
+DINOV3_DOWNLOADS = BACKBONES["dinov3"].weights_page
 UNUSED_KEYS = ("local_cls_norm.",)  # DINOv3's satellite ViT-L: a norm of its pretraining's local crops only
 DDP_PREFIX, BACKBONE_PREFIX = "module.", "backbone."  # training checkpoints: DDP, and the ViT beside its heads
 TRAINING_ONLY_PREFIX = "head."  # the DINO projection head, not part of the backbone
 PPAP_BACKBONE_PREFIX = "model."  # where a PPAP checkpoint's net_model_state_dict keeps the ViT
 
 
-def dino_url(model_type: str, patch_size: int) -> str:
-    try:
-        return DINO_BASE_URL + DINO_RELEASES[(model_type, patch_size)]
-    except KeyError:
+def release_url(name: str, model_type: str, patch_size: int) -> str:
+    """Where the official weights of a family's ``model_type`` and patch size are downloaded from."""
+    family = BACKBONES[name]
+    file = family.weights.get((model_type, patch_size))
+    if file is None:
         raise WeightsError(
-            f"there is no official DINO release for {model_type}/{patch_size}; set "
-            f"model.pretrained.pretrained_weights to a local weight file (or \"{NONE_WEIGHTS}\" for a random backbone)"
-        ) from None
+            f"there is no official {family.label} release for {model_type}/{patch_size}; set "
+            f"model.pretrained.pretrained_weights to a local weight file (or \"{NONE_WEIGHTS}\" for a random backbone)")
+    if family.weights_url is None:
+        raise WeightsError(
+            f"{family.label} weights are distributed only after accepting Meta's {family.label} licence, so they are "
+            f"not downloaded here: request them at {family.weights_page}, download {file} and pass it with "
+            f"model.pretrained.pretrained_weights=/path/to/{file}")
+    return family.weights_url + file
+
+
+def dino_url(model_type: str, patch_size: int) -> str:
+    """Where DINO's official ``model_type`` / ``patch_size`` is downloaded from."""
+    return release_url("dino", model_type, patch_size)
 
 
 def official_url(pretrained: PretrainedConfig) -> str:
     """Where the official weights of the configured backbone are downloaded from (DINO, DINOv2)."""
-    if pretrained.name == "dino":
-        return dino_url(pretrained.model_type, pretrained.dino_patch_size)
-    if pretrained.name.startswith("dinov2"):
-        arch = pretrained.model_type.replace("_", "")[:4] + str(pretrained.dino_patch_size)  # vits14, vitg14, ...
-        registers = "_reg4" if pretrained.name == "dinov2_reg" else ""
-        return f"{DINOV2_BASE_URL}dinov2_{arch}/dinov2_{arch}{registers}_pretrain.pth"
-    raise WeightsError(
-        f"DINOv3 weights are distributed only after accepting Meta's DINOv3 licence, so they are not downloaded "
-        f"here: request them at {DINOV3_DOWNLOADS}, download {DINOV3_FILES[pretrained.model_type]} and pass it with "
-        f"model.pretrained.pretrained_weights=/path/to/{DINOV3_FILES[pretrained.model_type]}")
+    return release_url(pretrained.name, pretrained.model_type, pretrained.dino_patch_size)
 
 
 def load_backbone_weights(vit: nn.Module, pretrained: PretrainedConfig) -> str:
@@ -155,9 +144,10 @@ def describe_vit_state_dict(state_dict: Mapping[str, Tensor]) -> Optional[str]:
 
 def description_of(pretrained: PretrainedConfig) -> str:
     """``describe_vit_state_dict``'s name for the backbone the options ask for."""
-    registers = " with 4 registers" if pretrained.name == "dinov2_reg" else ""
-    return f"{BACKBONES[pretrained.name].label.replace(' with registers', '')} {pretrained.model_type}/" \
-           f"{pretrained.dino_patch_size}{registers}"
+    family = BACKBONES[pretrained.name]
+    registers = f" with {family.registers} registers" if family.registers else ""
+    return f"{family.label.replace(' with registers', '')} {pretrained.model_type}/{pretrained.dino_patch_size}" \
+           f"{registers}"
 
 
 def load_state_dict_exactly(module: nn.Module, state_dict: Mapping[str, Tensor], source: str, expected: str = "") -> None:

@@ -160,7 +160,7 @@ def patch_ppap_loss(monkeypatch, overflow_at=(), interrupt_at=None) -> None:
 
 def random_checkpoint(options: Path, path: Path, n_classes: int = 3, seed: int = 0) -> Path:
     """A checkpoint of a randomly initialised model that carries the options of ``options`` (what eval.py needs)."""
-    from utils.config import config_to_dict, load_config
+    from config import config_to_dict, load_config
 
     cfg = load_config(options)
     torch.manual_seed(seed)

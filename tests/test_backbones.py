@@ -13,7 +13,7 @@ from model.weights import DINOV3_DOWNLOADS, load_backbone_weights, official_url
 from tests.conftest import DEMO_OPTIONS, ROOT, tiny_options
 from tests.reference_backbones import official_state_dict, reference_patch_tokens
 from utils.cli import run_main
-from utils.config import BACKBONES, PretrainedConfig, load_config
+from config import BACKBONES, PretrainedConfig, load_config
 from utils.errors import ConfigError, WeightsError
 
 NEW_FAMILIES = ("dinov2", "dinov2_reg", "dinov3")

@@ -19,7 +19,7 @@ from model import ppap
 from model.weights import load_backbone_weights
 from tests.conftest import tiny_options
 from utils.cli import run_main
-from utils.config import PretrainedConfig
+from config import PretrainedConfig
 from utils.errors import WeightsError
 from utils.files import describe_file, read_torch_file
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.cli import base_parser, config_from_args, run_main
-from utils.config import Config, TrainingCoeff, config_from_dict, config_to_dict, load_config
+from config import Config, TrainingCoeff, config_from_dict, config_to_dict, load_config
 from utils.device import resolve_device
 from utils.errors import ConfigError
 

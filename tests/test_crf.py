@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
-from utils.crf import CRFError, CRFPool, _resize_bilinear, dense_crf, resolve_workers, usable_cores
-from utils.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_to_uint8
+from crf.pool import CRFError, CRFPool, resolve_workers, usable_cores
+from crf.pydensecrf_backend import _resize_bilinear
+from crf.refiner import Refiner, dense_crf
+from dataset.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_to_uint8
 
 
 EDGE_COLUMN = 20
@@ -189,3 +191,43 @@ def test_submit_after_close_is_an_error():
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(0, *random_inputs(1)[0])
+
+
+def refiner_batches(seed: int = 0) -> list[tuple[list[str], torch.Tensor, list[torch.Tensor]]]:
+    """Two batches of three images, each image with two score maps (4 and 3 classes, as the two probes give)."""
+    rng = np.random.default_rng(seed)
+    return [([f"batch{b}-image{j}" for j in range(3)],
+             torch.from_numpy(rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)),
+             [torch.from_numpy(rng.normal(size=(3, n_classes, 12, 12)).astype(np.float32)) for n_classes in (4, 3)])
+            for b in range(2)]
+
+
+@pytest.mark.parametrize("backend, workers", [("pydensecrf", 2), ("pydensecrf", 0), ("torch", None)])
+def test_the_refiner_gives_each_image_the_crf_labels_of_each_of_its_maps_in_submission_order(backend, workers):
+    batches = refiner_batches()
+    refined = []
+    with Refiner(backend, workers) as refiner:
+        assert refiner.overlaps_network == (backend == "pydensecrf")
+        for keys, images, maps in batches:
+            refiner.submit(keys, images, maps)
+            refined += refiner.ready()
+        refined += refiner.results()
+    assert [key for key, _ in refined] == [key for keys, _, _ in batches for key in keys]
+    reference = {key: [dense_crf(images[j].numpy(), scores[j].numpy()) for scores in maps]
+                 for keys, images, maps in batches for j, key in enumerate(keys)}
+    for key, labels in refined:
+        assert [tuple(each.shape) for each in labels] == [(24, 24), (24, 24)]
+        for each, probs in zip(labels, reference[key]):
+            expected = torch.from_numpy(probs.argmax(0))
+            if backend == "pydensecrf":  # the same C++ code on the same inputs
+                assert torch.equal(each.long(), expected)
+            else:  # float rounding in another order: the same label wherever the two best classes are apart
+                top2 = torch.from_numpy(probs).topk(2, dim=0).values
+                decided = (top2[0] - top2[1]) > 1e-4
+                assert decided.float().mean() > 0.99
+                assert torch.equal(each.long()[decided], expected[decided])
+
+
+def test_the_refiner_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Refiner("densecrf")

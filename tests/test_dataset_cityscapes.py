@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dataset import build_dataset
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 SIDE = 6

@@ -5,7 +5,7 @@ import pytest
 from dataset import class_names, color_map, n_classes
 from dataset.classes import (COCO_COARSE_NAMES, COCO_FINE_TO_COARSE, LabelTable, directory_table,
                              pascal_color_map)
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 FIXED_TYPES = ["cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam", "potsdamraw", "demo"]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_dataset
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 SIDE = 8  # fixture images are SIDE x SIDE and res = SIDE, so training transforms keep every pixel

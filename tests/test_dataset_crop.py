@@ -11,7 +11,7 @@ from dataset.crop import write_five_crops
 from dataset.crop_datasets import main as crop_main
 from tests.world import run_program
 from utils.cli import run_main
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 H, W = 8, 12  # source size; crops of ratio 0.5 are 4 x 6

@@ -9,7 +9,7 @@ from PIL import Image
 import dataset.demo as demo
 from dataset import build_dataset, n_classes
 from dataset.demo import (DEMO_CLASS_NAMES, DEMO_INFO, DEMO_MAX_SIDE, DEMO_MIN_SIDE, demo_scene, ensure_demo_data)
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 SMALL = {"train": 3, "val": 2}

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_dataset, require_labels
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "camvid"

@@ -7,7 +7,7 @@ import torch
 from scipy.io import savemat
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_dataset
-from utils.config import DatasetConfig
+from config import DatasetConfig
 from utils.errors import DataError
 
 SIDE = 7

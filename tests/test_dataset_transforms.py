@@ -8,7 +8,7 @@ from torchvision import transforms as T
 from dataset import build_dataset
 from dataset.transforms import EVAL_RES, IMAGENET_MEAN, IMAGENET_STD, PairTransform, eval_transform, train_transform
 from tests.conftest import tiny_options
-from utils.config import load_config
+from config import load_config
 from utils.errors import ConfigError
 
 

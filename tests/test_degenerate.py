@@ -14,7 +14,7 @@ from dataset.base import read_image
 from engine.evaluate import Evaluation, Scores, checkpoint_path, save_report
 from tests.conftest import tiny_options
 from utils.cli import run_main
-from utils.config import DatasetConfig, EvalConfig
+from config import DatasetConfig, EvalConfig
 from utils.errors import DataError, WeightsError
 from utils.files import read_torch_file
 
@@ -158,13 +158,13 @@ def test_a_full_disk_while_writing_a_report_names_the_file_and_leaves_no_empty_o
                                                                                  capsys):
     options = tiny_options(tmp_path, tiny_data)
     assert run_main(run.main, ["--opt", str(options), "--debug"]) == 0
-    import utils.metrics
+    import engine.metrics
 
     def full_disk(self, path, **kwargs):
         Path(path).write_bytes(b"")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(utils.metrics.Figure, "savefig", full_disk)
+    monkeypatch.setattr(engine.metrics.Figure, "savefig", full_disk)
     out = tmp_path / "report"
     status = run_main(eval_script.main, ["--checkpoint", str(tmp_path / "output" / "tiny" / "last.pth"), "--debug",
                                          "--out", str(out)])

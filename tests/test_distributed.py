@@ -24,7 +24,7 @@ from tests.test_loss import clustered, unit_z
 from tests.test_signals import WAIT_S, alive, children, wait_for
 from tests.world import finish_program, run_in_world, run_program, start_program
 from utils.cli import run_main
-from utils.config import TrainingCoeff, load_config
+from config import TrainingCoeff, load_config
 from utils.distributed import ONE_PROCESS
 
 

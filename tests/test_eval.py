@@ -16,9 +16,9 @@ from engine.train import final_evaluation
 from model import build_model
 from tests.conftest import tiny_options
 from utils.cli import run_main
-from utils.config import config_to_dict, load_config
+from config import config_to_dict, load_config
 from utils.distributed import launch
-from utils.tracking import Tracker
+from engine.tracking import Tracker
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 

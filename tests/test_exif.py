@@ -4,7 +4,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from dataset import build_dataset
-from utils.config import DatasetConfig
+from config import DatasetConfig
 
 ROTATE_TO_DISPLAY = 6  # EXIF orientation of a phone's portrait shot: stored turned a quarter
 

@@ -1,4 +1,4 @@
-"""The dense CRF in PyTorch (utils/lattice.py): the same refinement as pydensecrf, close to the exact dense CRF, a
+"""The dense CRF in PyTorch (crf/lattice.py): the same refinement as pydensecrf, close to the exact dense CRF, a
 permutohedral lattice whose kernel behaves as a kernel should, batched images that do not see each other."""
 from pathlib import Path
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.crf import _resize_bilinear, _softmax, dense_crf
-from utils.lattice import (Buffers, Kernel, Permutohedral, _crf_kernels, dense_crf_torch, dense_crf_torch_shared,
+from crf.pydensecrf_backend import _resize_bilinear, _softmax
+from crf.refiner import dense_crf
+from crf.lattice import (Buffers, Kernel, Permutohedral, _crf_kernels, dense_crf_torch, dense_crf_torch_shared,
                            kernel_normalizer)
 
 CAMVID_VAL = Path(__file__).resolve().parents[2] / "shared" / "camvid" / "imgs" / "val"

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from loss import PPAPLoss, mine
 from tests.reference_ppap import reference_loss, reference_mining
-from utils.config import TrainingCoeff
+from config import TrainingCoeff
 
 
 def clustered(n: int, dim: int, clusters: int, noise: float, seed: int, dtype=torch.float64) -> torch.Tensor:

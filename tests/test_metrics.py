@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from utils.metrics import (CLUSTER_PREFIX, CM_BAR_INCHES, CM_CELL_INCHES, CM_DPI, CM_LABEL_INCHES, CM_PAD_INCHES,
+from engine.metrics import (CLUSTER_PREFIX, CM_BAR_INCHES, CM_CELL_INCHES, CM_DPI, CM_LABEL_INCHES, CM_PAD_INCHES,
                            LINEAR_PREFIX, UnsupervisedMetrics, confusion_matrix_figure, get_metrics,
                            plot_confusion_matrix)
 

@@ -13,7 +13,7 @@ from loss import PPAPLoss
 from model import ClusterProbe, build_model
 from model.vit import Attention, vit
 from model.weights import DINO_BASE_URL, dino_url, load_backbone_weights
-from utils.config import ModelConfig, PretrainedConfig, TrainingCoeff
+from config import ModelConfig, PretrainedConfig, TrainingCoeff
 from utils.errors import WeightsError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vit_tiny16_distilled.pth"

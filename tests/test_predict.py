@@ -16,7 +16,7 @@ from dataset import color_map
 from engine.predict import label_set, network_size
 from tests.conftest import random_checkpoint, tiny_options
 from utils.cli import run_main
-from utils.config import load_config
+from config import load_config
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 

@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 from typing import get_type_hints
 
-from utils.config import Config
+from config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

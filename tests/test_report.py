@@ -12,10 +12,10 @@ import run
 from dataset import build_dataset, fingerprint
 from tests.conftest import patch_ppap_loss, tiny_options
 from engine import report
-from engine.train import DATA_FILE
+from engine.rundir import DATA_FILE, METRIC_NAMES
 from tools import report as report_command
 from utils.cli import run_main
-from utils.config import config_to_dict, load_config
+from config import config_to_dict, load_config
 
 
 def fake_run(folder, data, seed, pos, values, output_dir, recorded=True):
@@ -28,7 +28,7 @@ def fake_run(folder, data, seed, pos, values, output_dir, recorded=True):
     if recorded:
         splits = {mode: build_dataset(cfg.dataset, mode) for mode in ("train", "val")}
         (folder / DATA_FILE).write_text(json.dumps(fingerprint(splits, cfg.dataset.data_path)))
-    metrics = {name: {"no_crf": dict(zip(report.METRIC_NAMES, v)), "crf": dict(zip(report.METRIC_NAMES, v + 1))}
+    metrics = {name: {"no_crf": dict(zip(METRIC_NAMES, v)), "crf": dict(zip(METRIC_NAMES, v + 1))}
                for name, v in (("best", values), ("last", values - 2))}
     (folder / "final_metrics.json").write_text(json.dumps(metrics))
 
@@ -53,7 +53,7 @@ def test_runs_are_grouped_by_everything_but_the_seed(sweep, tmp_path, capsys):
     for pos in (0.5, 0.6):
         got = summary["groups"][f"training_coeff.initialcrit_pos={pos}"]
         runs = np.array([values[(pos, seed)] for seed in (0, 1, 2)])
-        for i, metric in enumerate(report.METRIC_NAMES):
+        for i, metric in enumerate(METRIC_NAMES):
             stats = got["best"]["no_crf"][metric]
             assert stats["n"] == 3
             assert stats["mean"] == pytest.approx(runs[:, i].mean(), rel=1e-12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.train
+import engine.rundir
 import eval as eval_script
 import run
 import utils.files
@@ -38,7 +38,7 @@ def strict_json_lines(path: Path) -> list[dict]:
 def test_second_run_into_a_busy_run_directory_is_refused_from_its_first_moment(tiny_data, tmp_path, capsys):
     options = tiny_options(tmp_path, tiny_data)
     run_dir = tmp_path / "output" / "tiny"
-    first = FolderLock(run_dir / engine.train.RUN_LOCK)
+    first = FolderLock(run_dir / engine.rundir.LOCK_FILE)
     assert first.acquire()  # a run that has started but written no checkpoint yet
     try:
         assert train(options) == 2
@@ -50,7 +50,7 @@ def test_second_run_into_a_busy_run_directory_is_refused_from_its_first_moment(t
 
 
 def lock_and_die(run_dir: Path) -> None:
-    FolderLock(run_dir / engine.train.RUN_LOCK).acquire()
+    FolderLock(run_dir / engine.rundir.LOCK_FILE).acquire()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -64,7 +64,7 @@ def test_a_refused_first_run_leaves_no_folder_behind(tiny_data, tmp_path, capsys
 def test_a_run_lists_the_files_it_wrote_not_its_lock(finished_run):
     listed = finished_run.out.split("wrote into")[1].splitlines()
     assert any(line.endswith("last.pth") for line in listed) and any(line.endswith("config.json") for line in listed)
-    assert not any(line.endswith(engine.train.RUN_LOCK) for line in listed)
+    assert not any(line.endswith(engine.rundir.LOCK_FILE) for line in listed)
 
 
 def test_run_directory_of_a_killed_run_is_not_left_locked(tmp_path):
@@ -73,7 +73,7 @@ def test_run_directory_of_a_killed_run_is_not_left_locked(tmp_path):
     holder.join()
     assert holder.exitcode == -signal.SIGKILL
     assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)  # the killed holder's
-    engine.train.own_run_dir(run_dir).release()  # what a run does first: it may have the folder
+    engine.rundir.own_folder(run_dir).release()  # what a run does first: it may have the folder
 
 
 def test_refused_resume_leaves_the_run_directory_untouched(finished_run, tmp_path):
@@ -138,7 +138,7 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(fi
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
 
-    monkeypatch.setattr(utils.files.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     monkeypatch.setattr(utils.files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
     assert train(options, "--resume") == 2
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 
 import run
 from engine.checkpoint import load_checkpoint
-from tests.conftest import ROOT, SHALLOW_DEPTH, TINY_COLORS, random_checkpoint, tiny_options
+from tests.conftest import SHALLOW_DEPTH, TINY_COLORS, random_checkpoint, tiny_options
 from tests.world import Ended, as_a_program, finish_program, fork, start_program
 from utils.cli import run_main
 
@@ -153,15 +153,13 @@ def test_a_signal_to_the_whole_job_with_loader_workers_prints_one_line(tiny_data
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_it(tiny_data, tmp_path, monkeypatch, ctrl_c_raises):
-    import utils.files
-
     real_save = torch.save
 
     def interrupted_save(obj, f):  # Ctrl-C arrives in the middle of the write
         signal_this_process(signal.SIGINT)
         real_save(obj, f)
 
-    monkeypatch.setattr(utils.files.torch, "save", interrupted_save)
+    monkeypatch.setattr(torch, "save", interrupted_save)
     options = tiny_options(tmp_path, tiny_data, train={"valid_freq": 2})
     assert run_main(run.main, ["--opt", str(options), "--debug"]) == 130
     run_dir = tmp_path / "output" / "tiny"  # the interrupt came while best.pth, the first checkpoint, was written

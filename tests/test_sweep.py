@@ -12,15 +12,15 @@ import pytest
 
 import run
 from engine.checkpoint import load_checkpoint
-from engine import sweep as sweep_module
-from engine.sweep import SWEEP_FILE, device_slots, plan_sweep, run_sweep
+from engine.rundir import CONSOLE_FILE, SWEEP_FILE
+from engine.sweep import device_slots, plan_sweep, run_sweep
 from tests.conftest import ROOT, tiny_options
 from tests.test_signals import WAIT_S, alive, children, wait_for
 from utils.cli import run_main
-from utils.config import load_config
+from config import load_config
 from utils.errors import ConfigError
-from utils.overrides import Setting, is_sweep, parse_sweep, run_name
-from utils.visualize import mean_and_range
+from config.overrides import Setting, is_sweep, parse_sweep, run_name
+from engine.plots import mean_and_range
 
 
 def values(item):
@@ -269,7 +269,7 @@ def test_jobs_run_side_by_side_never_two_on_one_device(tiny_data, tmp_path):
     assert {r["device"] for r in runs} == {"0", "1"}
     alive = {}  # run -> (from, until): when its process ran, as the process itself saw the clock
     for r in runs:  # each run's output, stdout and stderr, in its folder
-        console = (folder / r["name"] / sweep_module.CONSOLE_FILE).read_text().splitlines()
+        console = (folder / r["name"] / CONSOLE_FILE).read_text().splitlines()
         assert [line.split()[0] for line in console[:2]] == ["training", "until"]
         assert console[2:] == [f"error: device {r['device']}"]
         alive[r["name"]] = (float(console[0].split()[-1]), float(console[1].split()[-1]))

@@ -10,9 +10,9 @@ import run
 from tests.conftest import tiny_options
 from tests.test_signals import Job, alive, children, wait_for
 from utils.cli import run_main
-from utils.config import WandbConfig
+from config import WandbConfig
 from utils.errors import ConfigError
-from utils.tracking import wandb_mode
+from engine.tracking import wandb_mode
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 

@@ -12,7 +12,7 @@ from engine.train import Progress, bilinear_weights, probe_cross_entropy, upsamp
 from loss import PPAPLoss
 from tests.conftest import ROOT, patch_ppap_loss, tiny_options
 from utils.cli import run_main
-from utils.config import load_config
+from config import load_config
 from utils.device import deterministic_algorithms
 from utils.files import save_atomically
 

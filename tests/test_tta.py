@@ -13,7 +13,7 @@ from engine.evaluate import segment_code
 from model import build_model
 from tests.conftest import TINY_COLORS, random_checkpoint, tiny_options
 from utils.cli import run_main
-from utils.config import load_config
+from config import load_config
 
 pytestmark = pytest.mark.usefixtures("shallow_vit")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.visualize import (GRID_DPI, LEGEND_ROW_INCHES, PANEL_INCHES, TITLE_INCHES, colorize, legend_columns,
+from engine.plots import (GRID_DPI, LEGEND_ROW_INCHES, PANEL_INCHES, TITLE_INCHES, colorize, legend_columns,
                              per_class_iou_figure, save_segmentation_grid)
 
 COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
@@ -44,7 +44,7 @@ def test_segmentation_grid_rejects_rows_with_different_entries(tmp_path):
 
 
 def test_curves_of_a_run_are_drawn_from_its_log(tmp_path):
-    from utils.visualize import save_curves
+    from engine.plots import save_curves
 
     records = [{"type": "train", "iter": i, "loss": 10.0 - i, "ppap": 9.0 - i, "linear": 1.0, "cluster": -0.1,
                 "num_pos": 5.0, "num_neg": 50.0, "lr": 1e-3, "grad_norm": None if i == 3 else 2.0} for i in range(1, 6)]

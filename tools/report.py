@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from utils.errors import ExitStatus
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.report import find_runs, summarize, tables, write_summary
@@ -30,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(tables(runs, summarize(runs)))
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from utils.errors import ExitStatus
+
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 DEFAULT_IMAGES = 32
 SAMPLE_SEED = 0
@@ -63,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return ExitStatus.OK
     print(f"{result['backbone']}: cosine similarity of patch pairs, {n} training images of "
           f"{cfg.dataset.data_type} at {cfg.dataset.res} px ({patches} patches each)")
     print("  quantiles  " + "  ".join(f"{k}: {v:+.3f}" for k, v in result["quantiles"].items()))
@@ -74,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"negatives from the start); {100 * (1 - above - below):5.1f}% in between (ambiguous)")
     print("The published thresholds were tuned on DINO ViT-S/8: to carry them over, run this with a DINO option file "
           "on the same data and choose values that give this backbone similar shares; then check them with short runs.")
-    return 0
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

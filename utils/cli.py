@@ -8,13 +8,11 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from utils.config import Config, load_config
+from config import Config, load_config
 from utils import signals
 from utils.distributed import ReportedByMain, group_formed, peer_lost, process_rank
-from utils.errors import UserError
+from utils.errors import ExitStatus, UserError, describe_os_error, one_line
 
-EXIT_USER_ERROR = 2  # as argparse: the user's input was wrong
-EXIT_FAILED = 1  # the run could not go on (a non-finite loss, another process of the run ended)
 OUR_PACKAGES = ("engine", "model", "loss", "dataset", "utils")
 
 
@@ -51,21 +49,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.opt, overrides_from_args(args))
 
 
-def one_line(err: BaseException) -> str:
-    """The message of ``err``; for an error re-raised from a DataLoader worker, the original message only.
-
-    torch re-raises a worker's exception with the same type and a message that holds the worker's whole
-    traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its last line is
-    "module.Type: message".
-    """
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    prefix = f"{type(err).__module__}.{type(err).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
-
-
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Call ``main(argv)`` and turn how it ended into one line on stderr and an exit status: a ``UserError`` or a
     filesystem error (a folder that cannot be created, a full disk) 2; Ctrl-C 130, SIGTERM 143, SIGHUP 129.
@@ -95,24 +78,24 @@ def _status_of(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Se
     try:
         return main(argv)
     except ReportedByMain:  # process 0 prints it
-        return EXIT_USER_ERROR
+        return ExitStatus.USER_ERROR
     except UserError as err:
         if main_process or group_formed():
             print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return ExitStatus.USER_ERROR
     except KeyboardInterrupt as err:
         return _stopped(signals.signal_of(err), main_process)
     except OSError as err:
         if main_process or group_formed():
             print(f"error: {describe_os_error(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return ExitStatus.USER_ERROR
     except BaseException as err:
         if signals.received() is not None:  # the signal's exception was replaced by one of the cleanup's
             return _stopped(signals.received(), main_process)
         if peer_lost(err):  # torchrun stops this process too (SIGTERM); say why first, in one line
             print(f"error: process {process_rank()}: another process of this run has ended, so this one stops too "
                   f"({_first_sentence(err)})", file=sys.stderr)
-            return EXIT_FAILED
+            return ExitStatus.FAILED
         raise
 
 
@@ -130,11 +113,3 @@ def _stopped(signum: int, say: bool = True) -> int:
         print("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})",
               file=sys.stderr)
     return signals.exit_status(signum)
-
-
-def describe_os_error(err: OSError) -> str:
-    """"PATH: the OS's reason" (e.g. "No space left on device"), or the message when the error names no path."""
-    if err.filename is None:
-        return one_line(err)
-    target = f" -> {err.filename2}" if err.filename2 is not None else ""
-    return f"{err.filename}{target}: {err.strerror or one_line(err)}"

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, describe_os_error, one_line
 
 if TYPE_CHECKING:  # torch and Fabric load when used: the entry points read the launch before they import them
     from lightning_fabric import Fabric
@@ -214,8 +214,6 @@ def peer_lost(err: BaseException) -> bool:
 
 
 def _message(err: BaseException) -> str:
-    from utils.cli import describe_os_error, one_line
-
     return describe_os_error(err) if isinstance(err, OSError) else one_line(err)
 
 

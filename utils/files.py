@@ -26,8 +26,6 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Optional, Sequence
 
-import torch
-
 from utils import signals
 from utils.errors import OutputError, WeightsError
 
@@ -65,6 +63,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 def save_atomically(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` through ``atomic_output``, flushed to disk before the rename."""
+    # torch loads only where a torch file is written or read: the locks, JSON and text files here serve commands that
+    # load no torch (python -m tools.report)
+    import torch
+
     path = Path(path)
     with atomic_output(path) as tmp, open(tmp, "xb") as f:
         try:
@@ -199,6 +201,8 @@ def read_torch_file(path: str | Path, kind: str = "checkpoint") -> Any:
     """``torch.load`` on the CPU, restricted to tensors and plain containers (plus the argparse.Namespace that DINO
     training checkpoints hold); a missing or unreadable file raises ``WeightsError`` naming ``kind`` and the path,
     and for a file torch.save did not write, what it is (``describe_file``)."""
+    import torch
+
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{kind} {path} is a folder, not a file")
@@ -299,6 +303,8 @@ def describe_contents(obj: Any, expected: str) -> str:
     """What a loaded torch file holds, for a message that says it is not what was expected (``expected``: whose keys
     a state dict should have, e.g. "a ViT's"): "another model's weights, a state dict of 2 tensors whose keys are not
     a ViT's (conv1.weight, fc.bias)", "a dict whose keys ...", "a single tensor of shape [3]", "a list"."""
+    import torch
+
     if isinstance(obj, Mapping) and obj:
         keys = listed([str(k) for k in obj])
         if all(isinstance(v, torch.Tensor) for v in obj.values()):

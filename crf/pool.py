@@ -1,10 +1,4 @@
-"""Dense-CRF refinement of segmentation scores, in the caller's process or in a pool of worker processes.
-
-``dense_crf`` is the post-processing of STEGO (src/crf.py, itself from Van Gansbeke et al.), which PPAP copies:
-the scores are resized to the image (bilinear), turned into probabilities (softmax) and refined by 10 mean-field
-iterations of a fully connected CRF with a Gaussian smoothness kernel and a bilateral appearance kernel.
-
-``CRFPool`` runs it in worker processes while the caller computes the next batch::
+"""The pydensecrf backend in a pool of worker processes that refine while the caller computes the next batch::
 
     with CRFPool(cfg.eval.crf_workers) as crf:
         for batch in loader:
@@ -16,13 +10,12 @@ iterations of a fully connected CRF with a Gaussian smoothness kernel and a bila
         for index, labels in crf.results():       # the rest, waiting for each
             ...
 
-Results are identical to calling ``dense_crf`` in a loop. The pool never uses ``fork``: STEGO's
-``multiprocessing.Pool`` forked a process that had CUDA and threads running, which can deadlock (STEGO issues
-#12 and #16). Workers receive numpy arrays only, ignore Ctrl-C (the caller's context manager stops them), end by
-themselves within a second or two when the caller dies without stopping them, and a worker's exception, or a
-worker that dies, is raised in the caller as ``CRFError`` naming the image. At most
-``max_in_flight`` tasks are queued or running; finished results wait in the pool until ``ready()`` or
-``results()`` takes them, so a caller that collects after every batch keeps memory bounded.
+Results are identical to refining in a loop. The pool never uses ``fork``: STEGO's ``multiprocessing.Pool`` forked
+a process that had CUDA and threads running, which can deadlock (STEGO issues #12 and #16). Workers receive numpy
+arrays only, ignore Ctrl-C (the caller's context manager stops them), end by themselves within a second or two when
+the caller dies without stopping them, and a worker's exception, or a worker that dies, is raised in the caller as
+``CRFError`` naming the image. At most ``max_in_flight`` tasks are queued or running; finished results wait in the
+pool until ``ready()`` or ``results()`` takes them, so a caller that collects after every batch keeps memory bounded.
 """
 from __future__ import annotations
 
@@ -37,20 +30,10 @@ from multiprocessing import resource_tracker
 from typing import Hashable, Iterator, Literal, Optional
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_softmax
 
-from utils.config import CRF_BACKENDS
+from crf.pydensecrf_backend import check_inputs, refine
 from utils.distributed import local_world_size
 from utils.signals import ignored, worker_process_setup
-
-CRF_MAX_ITER = 10  # mean-field iterations: MAX_ITER in STEGO's crf.py, as in PPAP
-CRF_POS_XY_STD = 1  # Gaussian (smoothness) kernel, spatial std in pixels: POS_XY_STD in STEGO
-CRF_POS_W = 3  # Gaussian kernel weight: POS_W in STEGO
-CRF_BI_XY_STD = 67  # bilateral (appearance) kernel, spatial std in pixels: Bi_XY_STD in STEGO
-CRF_BI_RGB_STD = 3  # bilateral kernel, colour std in uint8 levels (one for all channels): Bi_RGB_STD in STEGO
-CRF_BI_W = 4  # bilateral kernel weight: Bi_W in STEGO
-UNARY_CLIP = 1e-5  # probabilities are clipped here before -log: pydensecrf's unary_from_softmax default
 
 START_METHOD = "spawn"  # never fork a process that may hold CUDA or threads; also the only method on every OS
 WORKER_EXIT_S = 10.0  # a terminated worker is gone long before this; the bound only avoids waiting forever
@@ -59,86 +42,15 @@ WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 Output = Literal["labels", "probs"]
 OUTPUTS = ("labels", "probs")
-Backend = Literal["pydensecrf", "torch"]
 
 
 class CRFError(RuntimeError):
     """The dense CRF failed on one image; the original exception is chained as the cause."""
 
 
-def _check_inputs(image: np.ndarray, scores: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be an HxWx3 uint8 array, got shape {image.shape} and dtype {image.dtype}")
-    if scores.ndim != 3 or not np.issubdtype(scores.dtype, np.floating):
-        raise ValueError(f"scores must be a CxHxW float array, got shape {scores.shape} and dtype {scores.dtype}")
-    if min(image.shape[:2]) < 1 or min(scores.shape) < 1:
-        raise ValueError(f"empty input: image {image.shape}, scores {scores.shape}")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinite values")
-
-
-# Source indices and the weight of the upper one, in float32 and in the order torch's bilinear resize
-# (align_corners=False, no antialiasing) computes them; results agree with it to a few float32 ulps.
-def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    scale = np.float32(size_in) / np.float32(size_out)
-    source = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
-    lower = np.minimum(source.astype(np.int64), size_in - 1)
-    upper = np.minimum(lower + 1, size_in - 1)
-    return lower, upper, np.clip(source - lower, 0, 1).astype(np.float32)
-
-
-def _resize_bilinear(scores: np.ndarray, height: int, width: int) -> np.ndarray:
-    # CxhxW -> CxHxW as F.interpolate(mode="bilinear", align_corners=False), so that workers need not import torch
-    if scores.shape[1:] == (height, width):
-        return scores
-    lower, upper, weight = _linear_taps(scores.shape[2], width)  # along W first, then H, in torch's order
-    columns = scores[:, :, lower] * (1 - weight) + scores[:, :, upper] * weight
-    lower, upper, weight = _linear_taps(scores.shape[1], height)
-    weight = weight[None, :, None]
-    return columns[:, lower, :] * (1 - weight) + columns[:, upper, :] * weight
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=0, keepdims=True))
-    return shifted / shifted.sum(axis=0, keepdims=True)
-
-
-def dense_crf(image: np.ndarray, scores: np.ndarray, backend: Backend = "pydensecrf",
-              device: Optional[str] = None) -> np.ndarray:
-    """Refine CxhxW class scores (logits or log-probabilities) on an HxWx3 uint8 RGB image.
-
-    Returns the CRF's CxHxW float32 class probabilities at the image's resolution. ``backend``: "pydensecrf" (the
-    paper's protocol) or "torch" (utils/lattice.py: the same CRF in PyTorch, on ``device``, default the CPU).
-    """
-    _check_inputs(image, scores)
-    if backend not in CRF_BACKENDS:
-        raise ValueError(f"backend must be one of {CRF_BACKENDS} (got {backend!r})")
-    if backend == "torch":
-        import torch
-
-        from utils.lattice import dense_crf_torch
-
-        probs = dense_crf_torch(torch.tensor(image, device=device or "cpu")[None],
-                                torch.tensor(scores, device=device or "cpu")[None])
-        return probs[0].cpu().numpy()
-    height, width = image.shape[:2]
-    n_classes = scores.shape[0]
-    probs = _softmax(_resize_bilinear(scores.astype(np.float32, copy=False), height, width))
-    unary = np.ascontiguousarray(unary_from_softmax(probs, clip=UNARY_CLIP))
-    # STEGO passes the image as BGR. One colour std for all channels makes the CRF model itself independent of the
-    # channel order, but its permutohedral-lattice approximation is not symmetric in the feature dimensions: RGB
-    # and BGR give probabilities that differ by up to ~0.9 on a noisy image. We keep BGR to reproduce the original.
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    crf = dcrf.DenseCRF2D(width, height, n_classes)
-    crf.setUnaryEnergy(unary)
-    crf.addPairwiseGaussian(sxy=CRF_POS_XY_STD, compat=CRF_POS_W)
-    crf.addPairwiseBilateral(sxy=CRF_BI_XY_STD, srgb=CRF_BI_RGB_STD, rgbim=bgr, compat=CRF_BI_W)
-    q = crf.inference(CRF_MAX_ITER)
-    return np.asarray(q, dtype=np.float32).reshape(n_classes, height, width)
-
-
 def _refine(image: np.ndarray, scores: np.ndarray, output: Output) -> np.ndarray:
-    probs = dense_crf(image, scores)
+    check_inputs(image, scores)
+    probs = refine(image, scores)
     return probs.argmax(axis=0) if output == "labels" else probs
 
 

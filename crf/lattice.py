@@ -3,7 +3,8 @@ on it, in plain PyTorch: on the CPU or the GPU, batched over images, without a c
 
 It is built the way pydensecrf builds it (its permutohedral.cpp, pairwise.cpp and densecrf.cpp, SSE path), with the
 same lattice, weights and constants in float32, so that both give the same refinement up to float rounding (the
-filter's sums run in another order than pydensecrf's loops: probabilities within 2e-5 of its, measured):
+filter's sums run in another order than pydensecrf's loops; tests/test_lattice.py holds the probabilities on real
+photos within 1e-3 of its):
 
 - lattice: features scaled by 1/sqrt((i+1)(i+2)) * sqrt(2/3)(d+1), elevated onto the hyperplane, the nearest
   remainder-0 point found by rounding to nearest (ties to even), the simplex by ranking the differences, the
@@ -35,6 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crf.parameters import (CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD, CRF_MAX_ITER, CRF_POS_W, CRF_POS_XY_STD,
+                            UNARY_CLIP)
+
 KEY_LIMIT = 2**62  # the keys of a lattice are packed into one int64 each
 INT32_LIMIT = 2**31  # sparse matrices whose sizes stay below it get int32 indices: half the index reads
 BLUR_WEIGHTS = torch.tensor([0.5, 1.0, 0.5])  # of a vertex's two neighbours along an axis and of itself
@@ -43,99 +47,23 @@ POSITION_LATTICES = 4  # Gaussian-kernel lattices kept, one per image size and d
 
 class Permutohedral:
     """The lattice of ``features`` (N x d, float32; already divided by the kernel's standard deviations); pixels of
-    different ``groups`` (N int64 image indices, or None for one image) never share a vertex."""
+    different ``groups`` (N int64 image indices, or None for one image) never share a vertex.
+
+    Built in the steps of Adams, Baek and Davis (2010): elevate the features onto the lattice's
+    hyperplane, find each point's enclosing simplex (the nearest remainder-0 point and the ranks of the differences
+    to it), its barycentric weights and the simplex's d+1 vertices (the keys); then the filter's splat, blur and
+    slice as sparse matrices."""
 
     def __init__(self, features: Tensor, groups: Optional[Tensor] = None) -> None:
-        n, d = features.shape
-        device = features.device
-        features = features.float()
-        inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
-        scale = [np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std)) for i in range(d)]
-        # elevate: y = E f, summed from the last feature down as pydensecrf sums it
-        elevated = [None] * (d + 1)
-        total = torch.zeros(n, device=device)
-        for j in range(d, 0, -1):
-            cf = features[:, j - 1] * float(scale[j - 1])
-            elevated[j] = total - float(j) * cf
-            total = total + cf
-        elevated[0] = total
-        elevated = torch.stack(elevated, dim=1)  # N x (d+1)
-        # the nearest remainder-0 point, by rounding each coordinate / (d+1) to the nearest integer (ties to even)
-        down = float(np.float32(1.0 / (d + 1)))
-        rounded = torch.round(elevated * down)
-        rem0 = rounded * float(d + 1)
-        offsum = torch.zeros(n, device=device)
-        for i in range(d + 1):
-            offsum = offsum + rounded[:, i]
-        # the simplex: the rank of each coordinate's distance to it, compared pair by pair as pydensecrf compares
-        # them (for x < y, rank[x] + 1 if diff[x] < diff[y], else rank[y] + 1)
-        diff = (elevated - rem0).T.contiguous()  # (d+1) x N
-        rank = torch.zeros(d + 1, n, dtype=torch.long, device=device)
-        for x in range(d):
-            below = diff[x + 1:] > diff[x]  # y after x: diff[x] < diff[y]
-            rank[x] += below.sum(0)
-            rank[x + 1:] += ~below
-        rank = rank.T
-        rank = rank + offsum[:, None].long()
-        shift = (rank < 0).long() * (d + 1) - (rank >= d + 1).long() * (d + 1)
-        rank, rem0 = rank + shift, rem0 + shift
-        # barycentric weights: slot d - rank[i] gets +value[i], the next one -value[i] (each slot one of each, so
-        # the order pydensecrf adds them in does not matter)
-        value = (elevated - rem0) * down
-        bary = torch.zeros(n, d + 2, device=device)
-        bary.scatter_add_(1, d - rank, value)
-        bary.scatter_add_(1, d - rank + 1, -value)
-        bary[:, 0] += 1.0 + bary[:, d + 1]
-        weights = bary[:, : d + 1].contiguous()  # N x (d+1)
-        # the d+1 vertices of a pixel, packed into one int64 each: the digits (image index, then the first d
-        # coordinates of key[r] = rem0 + r - (d+1) [rank > d - r]) in mixed radix, each digit offset by its lowest
-        # value; a key's coordinates lie within d+1 of rem0's and its blur neighbours' within 2(d+1)
-        group = groups if groups is not None else torch.zeros(n, dtype=torch.long, device=device)
-        digits = torch.cat([group[:, None], rem0.long()[:, :d]], dim=1)  # N x (1+d)
-        margin = torch.full((d + 1,), 2 * (d + 1), device=device)
-        margin[0] = 0
-        low, high = digits.amin(0) - margin, digits.amax(0) + margin
-        span = (high - low + 1).tolist()
-        if math.prod(span) * 2 * (d + 1) >= KEY_LIMIT:  # the codes, and the sums that make them, fit
-            raise ValueError("the lattice's keys do not fit in 64 bits: features too large for their standard "
-                             "deviations")
-        strides = [math.prod(span[i + 1:]) for i in range(d + 1)]
-        stride = torch.tensor(strides, device=device)
-        # code of key[r] = code of (group, rem0) + r * sum(strides of the coordinates) - (d+1) * the strides of the
-        # coordinates whose rank exceeds d - r: of the r highest ranks
-        by_rank = torch.zeros(n, d + 1, dtype=torch.long, device=device)
-        by_rank.scatter_(1, rank, torch.cat([stride[1:], stride.new_zeros(1)]).expand(n, d + 1))
-        highest = torch.cat([by_rank.new_zeros(n, 1), by_rank.flip(1).cumsum(1)[:, :d]], dim=1)  # N x (d+1)
-        codes = (((digits - low) * stride).sum(1)[:, None] + torch.arange(d + 1, device=device) * sum(strides[1:])
-                 - (d + 1) * highest).reshape(-1)
-        # the vertices: the distinct codes in ascending order (in pydensecrf's hash table, in order of appearance)
-        codes, order = torch.sort(codes, stable=True)  # pixels ascending within one vertex
-        first = torch.ones_like(codes, dtype=torch.bool)
-        first[1:] = codes[1:] != codes[:-1]
-        vertex = first.cumsum(0) - 1  # of each sorted entry
-        vertex_codes = codes[first]  # ascending
-        self.m = len(vertex_codes)
-        offsets = torch.empty_like(vertex)
-        offsets[order] = vertex
-        offsets = offsets.reshape(n, d + 1)  # N x (d+1): the vertex of each of a pixel's remainders
-        # splat, blur and slice as sparse matrices (CSR): one sparse-dense product per step, on any device
-        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
-        self._splat = _csr(vertex, torch.div(order, d + 1, rounding_mode="floor"), weights.reshape(-1)[order],
-                           (self.m, n))
-        columns, order = torch.sort(offsets, dim=1)  # a pixel's d+1 vertices, in column order
-        self._slice = _csr(torch.arange(n, device=device).repeat_interleave(d + 1), columns.reshape(-1),
-                           (torch.gather(weights, 1, order) * alpha).reshape(-1), (n, self.m))
-        vertices = torch.arange(self.m, device=device)
-        self._blurs = []  # along each lattice axis: new = old + (left + right) / 2, a missing neighbour counting 0
-        for j in range(d + 1):
-            # the left neighbour: every coordinate - 1, but coordinate j + d; the right one the opposite. Vertex
-            # indices ascend with the codes: the neighbour of the lower code comes first in a row
-            step = sum(strides[1:]) - ((d + 1) * strides[1 + j] if j < d else 0)
-            lower, higher = _find(vertex_codes, vertex_codes - abs(step)), _find(vertex_codes, vertex_codes + abs(step))
-            columns = torch.stack([lower, vertices, higher], dim=1)  # M x 3, M where missing
-            present = columns < self.m
-            self._blurs.append(_csr(vertices[:, None].expand(-1, 3)[present], columns[present],
-                                    BLUR_WEIGHTS.to(device).expand(self.m, 3)[present], (self.m, self.m)))
+        elevated = _elevate(features.float())
+        simplex = _enclosing_simplex(elevated)
+        weights = _barycentric_weights(elevated, simplex)
+        codes, keys = _simplex_keys(simplex, groups)
+        vertices = _distinct_vertices(codes)
+        self.m = len(vertices.codes)
+        self._splat = _splat_matrix(vertices, weights)
+        self._slice = _slice_matrix(vertices, weights)
+        self._blurs = _blur_matrices(vertices.codes, keys)
 
     def filter(self, values: Tensor, reverse: bool = False, buffers: Optional[Buffers] = None) -> Tensor:
         """Splat, blur and slice N x C float32 values (pydensecrf's ``Permutohedral::compute``). The result is held
@@ -149,10 +77,189 @@ class Permutohedral:
         return _product(self._slice, lattice, buffers("pixels", n, c))
 
 
+def _down_factor(points: int) -> float:
+    """1 / (d+1) in float32 for the d+1 coordinates of a lattice point (pydensecrf's down_factor)."""
+    return float(np.float32(1.0 / points))
+
+
+def _elevate(features: Tensor) -> Tensor:
+    """N x d features -> N x (d+1) points on the hyperplane whose coordinates sum to 0: y = E f. Column i of E is
+    (i ones, -i, zeros) / sqrt(i (i+1)): the columns are orthonormal, so that distances on the hyperplane are the
+    features' distances, here times sqrt(2/3) (d+1), the inverse of the blur's standard deviation (Adams et al.,
+    p. 6, as pydensecrf cites it)."""
+    n, d = features.shape
+    inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
+    scale = [np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std)) for i in range(d)]
+    coordinates = [None] * (d + 1)
+    total = torch.zeros(n, device=features.device)
+    for j in range(d, 0, -1):  # from the last feature down, as pydensecrf sums them
+        scaled = features[:, j - 1] * float(scale[j - 1])
+        coordinates[j] = total - float(j) * scaled
+        total = total + scaled
+    coordinates[0] = total
+    return torch.stack(coordinates, dim=1)
+
+
+class _Simplex(NamedTuple):
+    """The simplex of the lattice that encloses each elevated point."""
+    origin: Tensor  # N x (d+1) float: its remainder-0 vertex, coordinates multiples of d+1 (pydensecrf: rem0)
+    rank: Tensor  # N x (d+1) int64: the rank of each coordinate of point - origin, 0 for the largest
+
+
+def _enclosing_simplex(elevated: Tensor) -> _Simplex:
+    """The nearest remainder-0 point and the ranks of the differences to it. Where that point lies off the
+    hyperplane (its coordinates / (d+1) sum to s, not 0), the ranks move by s, and a coordinate whose rank leaves
+    0 ... d wraps around, moving the point by d+1 along it back onto the hyperplane."""
+    points = elevated.shape[1]
+    origin, off_plane = _nearest_remainder_zero(elevated)
+    rank = _ranks(elevated - origin) + off_plane[:, None].long()
+    shift = (rank < 0).long() * points - (rank >= points).long() * points
+    return _Simplex(origin + shift, rank + shift)
+
+
+def _nearest_remainder_zero(elevated: Tensor) -> tuple[Tensor, Tensor]:
+    """The nearest point whose coordinates are multiples of d+1, each coordinate / (d+1) rounded to the nearest
+    integer (ties to even), and the sum of those integers (pydensecrf: sum): 0 where the point is on the hyperplane."""
+    points = elevated.shape[1]
+    rounded = torch.round(elevated * _down_factor(points))
+    off_plane = torch.zeros(len(elevated), device=elevated.device)
+    for i in range(points):  # column by column, as pydensecrf adds them
+        off_plane = off_plane + rounded[:, i]
+    return rounded * float(points), off_plane
+
+
+def _ranks(differences: Tensor) -> Tensor:
+    """N x (d+1): the rank of each coordinate among a point's, 0 for the largest, equal values ranked in coordinate
+    order; compared pair by pair as pydensecrf compares them (for x < y, rank[x] + 1 if diff[x] < diff[y], else
+    rank[y] + 1), so that ties (and NaNs) get pydensecrf's ranks."""
+    points = differences.shape[1]
+    by_coordinate = differences.T.contiguous()  # (d+1) x N
+    rank = torch.zeros(points, len(differences), dtype=torch.long, device=differences.device)
+    for x in range(points - 1):
+        larger = by_coordinate[x + 1:] > by_coordinate[x]  # of the coordinates y after x
+        rank[x] += larger.sum(0)
+        rank[x + 1:] += ~larger
+    return rank.T
+
+
+def _barycentric_weights(elevated: Tensor, simplex: _Simplex) -> Tensor:
+    """N x (d+1): the weight of each point's simplex vertex r (remainder r). With v = (point - origin) / (d+1),
+    slot d - rank[i] gets +v[i] and the next slot -v[i]; slot d+1 wraps around to slot 0 (Adams et al., p. 10).
+    A slot gets at most one term of each sign, so the order pydensecrf adds them in does not matter."""
+    n, points = elevated.shape
+    value = (elevated - simplex.origin) * _down_factor(points)
+    weights = torch.zeros(n, points + 1, device=elevated.device)
+    weights.scatter_add_(1, points - 1 - simplex.rank, value)
+    weights.scatter_add_(1, points - simplex.rank, -value)
+    weights[:, 0] += 1.0 + weights[:, points]
+    return weights[:, :points].contiguous()
+
+
+class _KeyCode(NamedTuple):
+    """Lattice points, each with its image's index, packed into one int64 each (pydensecrf hashes them instead):
+    the digits (the image's index, then the first d coordinates; the last one is minus their sum) in mixed radix,
+    each digit offset by its lowest value, so that codes ascend with the points in lexicographic order."""
+    low: Tensor  # 1+d: each digit's lowest value
+    strides: list[int]  # 1+d: each digit's place value
+
+    @staticmethod
+    def covering(digits: Tensor) -> _KeyCode:
+        """The code of the points within 2(d+1) of the N x (1+d) ``digits`` of the remainder-0 points: a simplex's
+        vertices lie within d+1 of its remainder-0 point, their blur neighbours within 2(d+1)."""
+        points = digits.shape[1]
+        margin = torch.full((points,), 2 * points, device=digits.device)
+        margin[0] = 0
+        low, high = digits.amin(0) - margin, digits.amax(0) + margin
+        span = (high - low + 1).tolist()
+        if math.prod(span) * 2 * points >= KEY_LIMIT:  # the codes, and the sums that make them, fit
+            raise ValueError("the lattice's keys do not fit in 64 bits: features too large for their standard "
+                             "deviations")
+        return _KeyCode(low, [math.prod(span[i + 1:]) for i in range(points)])
+
+    @property
+    def diagonal(self) -> int:
+        """The code of a step of +1 in every coordinate."""
+        return sum(self.strides[1:])
+
+    def axis_step(self, axis: int) -> int:
+        """The code of a step along lattice axis ``axis`` (0 ... d): +1 in every coordinate but that one, -d there
+        (pydensecrf's n1; n2 is the step back)."""
+        points = len(self.strides)
+        return self.diagonal - (points * self.strides[1 + axis] if axis < points - 1 else 0)
+
+
+def _simplex_keys(simplex: _Simplex, groups: Optional[Tensor]) -> tuple[Tensor, _KeyCode]:
+    """The codes of each point's d+1 simplex vertices (N x (d+1), vertex r in column r) and the code that packs
+    them. Vertex r (remainder r; pydensecrf's key) is origin + r in every coordinate, minus d+1 in the coordinates
+    of the r highest ranks (rank > d - r)."""
+    n, points = simplex.rank.shape
+    device = simplex.rank.device
+    group = groups if groups is not None else torch.zeros(n, dtype=torch.long, device=device)
+    digits = torch.cat([group[:, None], simplex.origin.long()[:, :points - 1]], dim=1)  # N x (1+d)
+    keys = _KeyCode.covering(digits)
+    stride = torch.tensor(keys.strides, device=device)
+    # each coordinate's stride at its rank, then summed over the r highest ranks (the last coordinate has no digit)
+    stride_at_rank = torch.zeros(n, points, dtype=torch.long, device=device)
+    stride_at_rank.scatter_(1, simplex.rank, torch.cat([stride[1:], stride.new_zeros(1)]).expand(n, points))
+    lowered = torch.cat([stride_at_rank.new_zeros(n, 1), stride_at_rank.flip(1).cumsum(1)[:, :points - 1]], dim=1)
+    origin_code = ((digits - keys.low) * stride).sum(1)
+    return origin_code[:, None] + torch.arange(points, device=device) * keys.diagonal - points * lowered, keys
+
+
+class _Vertices(NamedTuple):
+    """The distinct vertices of the points' simplices, ascending by code (pydensecrf's hash table holds the same
+    vertices in order of appearance), and the N (d+1) (point, remainder) entries sorted by vertex."""
+    codes: Tensor  # M, ascending
+    order: Tensor  # the entries (point * (d+1) + remainder) sorted by vertex, points ascending within one
+    of_sorted: Tensor  # the vertex of each sorted entry
+
+
+def _distinct_vertices(codes: Tensor) -> _Vertices:
+    """The vertices of the N x (d+1) codes of the points' simplex vertices."""
+    codes, order = torch.sort(codes.reshape(-1), stable=True)
+    first = torch.ones_like(codes, dtype=torch.bool)
+    first[1:] = codes[1:] != codes[:-1]
+    return _Vertices(codes[first], order, first.cumsum(0) - 1)
+
+
+def _splat_matrix(vertices: _Vertices, weights: Tensor) -> Tensor:
+    """M x N splat: each point's value times its barycentric weights, added into its d+1 vertices."""
+    n, points = weights.shape
+    pixels = torch.div(vertices.order, points, rounding_mode="floor")
+    return _csr(vertices.of_sorted, pixels, weights.reshape(-1)[vertices.order], (len(vertices.codes), n))
+
+
+def _slice_matrix(vertices: _Vertices, weights: Tensor) -> Tensor:
+    """N x M slice: the sum of a point's d+1 vertices times its barycentric weights, times 1 / (1 + 2^-d), the
+    constant of pydensecrf's slice."""
+    n, points = weights.shape
+    alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-(points - 1))))
+    vertex = torch.empty_like(vertices.of_sorted)
+    vertex[vertices.order] = vertices.of_sorted
+    columns, order = torch.sort(vertex.reshape(n, points), dim=1)  # a point's vertices, in column order
+    return _csr(torch.arange(n, device=weights.device).repeat_interleave(points), columns.reshape(-1),
+                (torch.gather(weights, 1, order) * alpha).reshape(-1), (n, len(vertices.codes)))
+
+
+def _blur_matrices(codes: Tensor, keys: _KeyCode) -> list[Tensor]:
+    """M x M blur along each lattice axis in turn: new = old + (left + right) / 2, a missing neighbour counting 0."""
+    m = len(codes)
+    vertices = torch.arange(m, device=codes.device)
+    blurs = []
+    for axis in range(len(keys.strides)):
+        step = abs(keys.axis_step(axis))
+        # vertex indices ascend with the codes: the neighbour of the lower code comes first in a row
+        columns = torch.stack([_find(codes, codes - step), vertices, _find(codes, codes + step)], dim=1)
+        present = columns < m  # M where missing
+        blurs.append(_csr(vertices[:, None].expand(-1, 3)[present], columns[present],
+                          BLUR_WEIGHTS.to(codes.device).expand(m, 3)[present], (m, m)))
+    return blurs
+
+
 class Buffers:
     """Tensors reused by the filters of one mean field, one per role and shape: on the CPU a fresh large tensor
-    costs a page fault per 4 KiB when first written, and allocating every product's result took most of a filter's
-    time there (8x, measured)."""
+    costs a page fault per 4 KiB when first written, a cost that then comes once per mean field, not once per
+    product."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -242,7 +349,7 @@ def mean_field(unary: Tensor, kernels: Sequence[Kernel], iterations: int,
 
 
 def dense_crf_torch(images: Tensor, scores: Tensor) -> Tensor:
-    """The dense CRF of ``utils.crf.dense_crf`` on a batch: B x H x W x 3 uint8 RGB images and B x C x h x w scores
+    """The dense CRF of ``crf.dense_crf`` on a batch: B x H x W x 3 uint8 RGB images and B x C x h x w scores
     (logits or log-probabilities, any float type) on one device -> B x C x H x W float32 probabilities there.
 
     The same steps as the pydensecrf backend: scores resized to the image (bilinear) and turned into probabilities,
@@ -256,8 +363,6 @@ def dense_crf_torch_shared(images: Tensor, scores: Sequence[Tensor]) -> list[Ten
     """``dense_crf_torch`` of several score maps of the same images (the linear and the cluster probe's), refined
     together: the lattices built once, one filter for the columns of all maps; each map's result is the same as
     alone."""
-    from utils.crf import CRF_MAX_ITER, UNARY_CLIP
-
     if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images must be a B x H x W x 3 uint8 tensor, got {tuple(images.shape)} {images.dtype}")
     for s in scores:
@@ -281,8 +386,6 @@ def dense_crf_torch_shared(images: Tensor, scores: Sequence[Tensor]) -> list[Ten
 def _crf_kernels(images: Tensor) -> list[Kernel]:
     """The Gaussian kernel, then the bilateral one, in the order dense_crf adds them, for a batch of B x H x W x 3
     uint8 RGB images."""
-    from utils.crf import CRF_BI_RGB_STD, CRF_BI_W, CRF_BI_XY_STD
-
     b, height, width, _ = images.shape
     device = images.device
     x, y = _positions(height, width, device)
@@ -307,8 +410,6 @@ def _positions(height: int, width: int, device: torch.device) -> tuple[Tensor, T
 def _position_kernel(height: int, width: int, device: torch.device) -> Kernel:
     """The Gaussian kernel on (x, y) / sxy of one height x width image, for every image of that size: its lattice
     does not depend on the image's content."""
-    from utils.crf import CRF_POS_W, CRF_POS_XY_STD
-
     x, y = _positions(height, width, device)
     lattice = Permutohedral(torch.stack([x / float(CRF_POS_XY_STD), y / float(CRF_POS_XY_STD)], 1))
     return Kernel(lattice, kernel_normalizer(lattice, height * width, device), float(CRF_POS_W), per_image=True)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from utils.config import WANDB_MODES, WandbConfig
+from config import WANDB_MODES, WandbConfig
 from utils import signals
 from utils.errors import ConfigError
 
