@@ -1,4 +1,5 @@
-"""Evaluate a PPAP checkpoint (one of ours, or a released one) on the validation split, before and after CRF.
+"""Evaluate a PPAP checkpoint (one of ours, or a released one) on the validation split (or, with eval.split=test, a
+'directory' set's test split), before and after CRF.
 
     python eval.py --checkpoint RUN/last.pth [--data_path DIR] [--out DIR] [--debug] [key=value ...]
     python eval.py --opt json/server/cocostuff8_eval.json [--checkpoint FILE] [--out DIR] [--debug] [key=value ...]
@@ -55,9 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     precision = resolve_precision(cfg.precision, fabric.device)
     tracker = Tracker(cfg.wandb, out_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode)
     try:
-        # beside the checkpoint each report is named after it, as run.py names best's and last's; a folder given
-        # with --out is the user's choice, where the plain name is expected
-        name = "" if args.out else path.stem
+        # beside the checkpoint each report is named after it, as run.py names best's and last's, and a test split's
+        # report after both, so that it never replaces the val report; a folder given with --out is the user's
+        # choice, where the plain name is expected
+        name = "" if args.out else path.stem if cfg.eval.split == "val" else f"{path.stem}_{cfg.eval.split}"
         reports = evaluate_and_report(cfg, {name: (path, ckpt)}, out_dir, fabric, precision, tracker)
     finally:
         tracker.finish()

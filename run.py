@@ -51,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
+    from engine.evaluate import evaluation_set
     from engine.sweep import follow_sweep
     from engine.rundir import LAST, LOCK_FILE
     from engine.train import TrainingDiverged, evaluate_run, train
@@ -64,6 +65,8 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     mode = wandb_mode(cfg.wandb, disabled=args.debug or args.test or not world.is_main,
                       from_command_line=sets_on_command_line(args, "wandb.mode"))
     world.agree(lambda: require_credentials(mode))  # before any work
+    if cfg.eval.split != "val" and not args.test:  # training checks val itself; a missing test split is told now,
+        world.agree(lambda: evaluation_set(cfg))  # not after the training, at the final evaluation
 
     def make_tracker(run_id: Optional[str]) -> Tracker:
         return Tracker(cfg.wandb, run_dir, config_to_dict(cfg), default_tag=cfg.dataset.data_type, mode=mode,

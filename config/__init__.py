@@ -3,13 +3,13 @@ backbone families' table), ``loader`` (option files, ``base`` files and command-
 ``overrides`` (the sweep grammar of ``run.py --multirun``)."""
 from config.families import BACKBONE_WIDTH, BACKBONES, Family, Size
 from config.loader import config_from_dict, config_to_dict, load_config
-from config.schema import (DATA_TYPES, EVAL_RES, EVALUATION_INPUT, GATHER_PRECISIONS, NO_EFFECT, NONE_WEIGHTS,
-                           TTA_MODES, WANDB_MODES, Config, DataloaderConfig, DatasetConfig, EvalConfig, ModelConfig,
+from config.schema import (DATA_TYPES, EVAL_RES, EVAL_SPLITS, EVALUATION_INPUT, GATHER_PRECISIONS, NO_EFFECT,
+                           NONE_WEIGHTS, TTA_MODES, WANDB_MODES, Config, DataloaderConfig, DatasetConfig, EvalConfig, ModelConfig,
                            OptimConfig, OptimizerConfig, PretrainedConfig, TrainConfig, TrainingCoeff, WandbConfig,
                            option_keys)
 
-__all__ = ["BACKBONE_WIDTH", "BACKBONES", "DATA_TYPES", "EVAL_RES", "EVALUATION_INPUT", "GATHER_PRECISIONS",
-           "NO_EFFECT", "NONE_WEIGHTS", "TTA_MODES", "WANDB_MODES", "Config", "DataloaderConfig", "DatasetConfig",
+__all__ = ["BACKBONE_WIDTH", "BACKBONES", "DATA_TYPES", "EVAL_RES", "EVAL_SPLITS", "EVALUATION_INPUT",
+           "GATHER_PRECISIONS", "NO_EFFECT", "NONE_WEIGHTS", "TTA_MODES", "WANDB_MODES", "Config", "DataloaderConfig", "DatasetConfig",
            "EvalConfig", "Family", "ModelConfig", "OptimConfig", "OptimizerConfig", "PretrainedConfig", "Size",
            "TrainConfig", "TrainingCoeff", "WandbConfig", "config_from_dict", "config_to_dict", "load_config",
            "option_keys"]

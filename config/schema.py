@@ -17,6 +17,9 @@ DATA_TYPES = ("cocostuff27", "cocostuff15", "cocostuff3", "cityscapes", "potsdam
 GATHER_PRECISIONS = ("fp32", "fp16", "bf16")  # train.gather_feats: fp32 is exact; the others halve the traffic
 WANDB_MODES = ("online", "offline", "disabled")
 TTA_MODES = ("none", "flip")
+EVAL_SPLITS = ("val", "test")  # eval.split: the split eval.py and a run's final evaluation report on
+# train.label_free_criterion: what chooses label_free.pth at the validations, without labels (engine/criteria.py)
+LABEL_FREE_CRITERIA = ("cluster_similarity", "rankme", "ppap_loss", "stability")
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 EVAL_RES = 320  # eval.res: shorter side to 320 and a centre crop of 320 x 320, as STEGO and PPAP evaluate
 BASE_KEY = "base"  # top-level key naming an option file this one extends
@@ -231,10 +234,12 @@ class TrainConfig:
     num_accum: int = 1  # gradient accumulation steps
     grad_norm: float = 10.0  # clip the network's gradient norm to this
     gather_feats: str = "fp32"  # ours: the precision of the frozen features the loss gathers from all processes
+    label_free_criterion: str = "cluster_similarity"  # ours: the validation criterion that chooses label_free.pth
 
     def __post_init__(self) -> None:
         _require(self.gather_feats in GATHER_PRECISIONS, "gather_feats",
                  f"must be one of {', '.join(GATHER_PRECISIONS)} (got {self.gather_feats!r})")
+        _choice(self.label_free_criterion, "label_free_criterion", LABEL_FREE_CRITERIA)
         for key in ("print_freq", "valid_freq", "epoch", "num_accum"):
             value = getattr(self, key)
             _require(value >= 1, key, f"must be >= 1 (got {value})")
@@ -257,10 +262,12 @@ class EvalConfig:
     tta: str = "none"  # ours: "flip" averages the code of the image and of its mirror (STEGO's protocol); PPAP: none
     crf_backend: str = "pydensecrf"  # ours: "torch" refines batches on the evaluation's device, without a pool
     res: int = EVAL_RES  # ours: validation and evaluation crop side; published numbers are at 320 only
+    split: str = "val"  # ours: the split evaluations report on; validation, which chooses best.pth, reads val
 
     def __post_init__(self) -> None:
         _choice(self.tta, "tta", TTA_MODES)
         _choice(self.crf_backend, "crf_backend", CRF_BACKENDS)
+        _choice(self.split, "split", EVAL_SPLITS)
         _require(self.extra_clusters >= 0, "extra_clusters", f"must be >= 0 (got {self.extra_clusters})")
         _require(self.n_images >= 0, "n_images", f"must be >= 0 (got {self.n_images})")
         _require(self.crf_workers is None or self.crf_workers >= 0, "crf_workers",

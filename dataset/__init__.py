@@ -2,7 +2,8 @@
 
 Public API:
 
-- ``build_dataset(cfg, mode)``: the "train" or "val" set of a ``DatasetConfig``; items are dicts
+- ``build_dataset(cfg, mode)``: the "train" or "val" set of a ``DatasetConfig``, or the "test" set of a
+  ``directory`` one (``eval.split``; asking another type for it raises ``DataError``); items are dicts
   ``{"ind": int, "img": float 3 x H x W (ImageNet-normalised), "label": int64 H x W (-1 = ignore)}``.
   The dataset has ``n_classes`` and ``has_labels`` attributes.
 - ``require_labels(dataset)``: raises ``DataError`` when a dataset has no labels (a ``directory`` set

@@ -18,7 +18,8 @@ from dataset.transforms import PairTransform, eval_transform, train_transform
 from config import EVAL_RES, DatasetConfig
 from utils.errors import DataError
 
-MODES = ("train", "val")
+MODES = ("train", "val")  # the splits of every data type (crop.py five-crops each)
+TEST = "test"  # eval.split "test": a separate test split, which only a 'directory' set has (imgs/test)
 FIVE_CROP_TYPES = ("cocostuff27", "cityscapes")  # the types STEGO pre-crops for training
 DEMO_SEED = 0  # seed of the demo set that build_dataset generates
 
@@ -45,19 +46,22 @@ POTSDAMRAW_LAYOUT = ("data_path/processed/imgs/{im}_{i}_{j}.mat (key 'img') and 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DIRECTORY_LAYOUT = ("data_path/imgs/{train,val}/NAME.jpg (or .png ...) and, optionally, "
                     "data_path/labels/{train,val}/NAME.png with one class id per pixel (255 = ignore)")
+DIRECTORY_TEST_LAYOUT = ("data_path/imgs/test/NAME.jpg (or .png ...) and, where data_path/labels exists, "
+                         "data_path/labels/test/NAME.png")
 CROP_LAYOUT = "data_path/cropped/{name}_five_crop_{ratio}/img/{split}/{i}.jpg and .../label/{split}/{i}.png"
 
 
 def build_dataset(cfg: DatasetConfig, mode: str, eval_res: int = EVAL_RES) -> SegmentationDataset:
-    """The training ("train") or evaluation ("val") set of ``cfg``.
+    """The training ("train"), validation ("val") or test ("test", ``eval.split``) set of ``cfg``.
 
     Training reads the pre-computed five-crop set when ``cfg.crop_type`` is "five" and the type is
-    cocostuff27 or cityscapes; for every other type, and always for "val", ``crop_type`` is ignored, as in
-    the original. Training uses ``cfg.res`` and ``cfg.loader_crop_type``; "val" resizes and centre-crops to
-    ``eval_res`` (``eval.res``, 320 as STEGO and PPAP).
+    cocostuff27 or cityscapes; for every other type, and always for "val" and "test", ``crop_type`` is ignored, as
+    in the original. Training uses ``cfg.res`` and ``cfg.loader_crop_type``; "val" and "test" resize and centre-crop
+    to ``eval_res`` (``eval.res``, 320 as STEGO and PPAP). Only a 'directory' set has a "test" split
+    (``require_test_split``).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    if mode not in MODES + (TEST,):
+        raise ValueError(f"mode must be one of {MODES + (TEST,)} (got {mode!r})")
     transform = train_transform(cfg.res, cfg.loader_crop_type) if mode == "train" else eval_transform(eval_res)
     if mode == "train" and uses_five_crop(cfg):
         n = classes.n_classes(cfg)
@@ -78,6 +82,8 @@ def five_crop_dir(cfg: DatasetConfig) -> Path:
 
 def source_dataset(cfg: DatasetConfig, mode: str, transform: Optional[PairTransform] = None) -> SegmentationDataset:
     """The original (not five-cropped) images of ``mode``; ``transform`` defaults to the evaluation one."""
+    if mode == TEST:
+        require_test_split(cfg)
     transform = transform or eval_transform()
     root, kind, n = Path(cfg.data_path), cfg.data_type, classes.n_classes(cfg)
     reader: Reader = IMAGE_FILES
@@ -99,6 +105,22 @@ def source_dataset(cfg: DatasetConfig, mode: str, transform: Optional[PairTransf
     else:
         raise ValueError(f"unknown data type {kind!r}")
     return SegmentationDataset(samples, table, n, transform, reader, missing_labels)
+
+
+def require_test_split(cfg: DatasetConfig) -> None:
+    """Raise ``DataError`` unless ``cfg`` has a separate test split: a 'directory' set with imgs/test and, where it
+    has labels/, labels/test. Every other type has only the splits it trains and validates on."""
+    if cfg.data_type != "directory":
+        raise DataError(f"eval.split \"test\": dataset.data_type {cfg.data_type!r} has no separate test split (only "
+                        f"a 'directory' set has one: {DIRECTORY_TEST_LAYOUT}); report on eval.split=val")
+    root = Path(cfg.data_path)
+    folders = [root / "imgs" / TEST]
+    if (root / "labels").exists():
+        folders.append(root / "labels" / TEST)
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError(f"{folder} not found or not a folder: eval.split \"test\" reads the test split of a "
+                            f"'directory' set, {DIRECTORY_TEST_LAYOUT}")
 
 
 def require_labels(dataset: SegmentationDataset) -> None:

@@ -1,7 +1,8 @@
-"""Evaluation: one pass of the network over the validation set, scored before and (optionally) after dense CRF.
+"""Evaluation: one pass of the network over an evaluation split, scored before and (optionally) after dense CRF.
 
-``evaluate()`` is the one evaluation loop: training validates with it. ``evaluate_and_report()`` is the one
-evaluation of saved checkpoints, behind eval.py, the end of a training run and ``run.py --test``. What is computed:
+``evaluate()`` is the one evaluation loop: training validates with it, on the validation split.
+``evaluate_and_report()`` is the one evaluation of saved checkpoints, behind eval.py, the end of a training run and
+``run.py --test``, on the split ``eval.split`` (val, or a 'directory' set's test split). What is computed:
 - the image goes into the network at 320 x 320 (``eval.res``), or at the nearest multiple of the patch size (322 x
   322 for a patch of 14; bilinear resize); the code is upsampled bilinearly (align_corners False) to the label size
   before the probes, so every pixel of the 320 x 320 label gets its own prediction;
@@ -35,21 +36,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from crf.refiner import Refiner, overlaps_network
-from dataset import build_dataset, class_names, color_map, make_loader, require_labels
-from engine.checkpoint import config_differences, networks_from_checkpoint
-from engine.rundir import CKPT_FILE, METRIC_NAMES, SETTINGS
-from model.ppap import fit_to_patches
 from config import EVALUATION_INPUT, Config, EvalConfig, config_from_dict, config_to_dict, option_keys
+from crf.refiner import Refiner, overlaps_network
+from dataset import SegmentationDataset, build_dataset, class_names, color_map, make_loader, require_labels
+from dataset.classes import pascal_color_map
+from dataset.image import denormalize_batch
+from engine.checkpoint import config_differences, networks_from_checkpoint
+from engine.criteria import LabelFree
+from engine.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
+from engine.plots import save_per_class_iou, save_segmentation_grid
+from engine.rundir import CKPT_FILE, METRIC_NAMES, SETTINGS
+from engine.tracking import Tracker
+from model.ppap import NetOutput, fit_to_patches
+from utils import signals
 from utils.device import autocast
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, WeightsError
 from utils.files import to_json, write_text_atomically
-from dataset.image import denormalize_batch
-from engine.metrics import CLUSTER_PREFIX, LINEAR_PREFIX, UnsupervisedMetrics, get_metrics, plot_confusion_matrix
-from utils import signals
-from engine.tracking import Tracker
-from engine.plots import save_per_class_iou, save_segmentation_grid
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,8 @@ class ProbeOutputs(NamedTuple):
     linear_logits: Tensor  # B x C x H x W
     cluster_inner: Tensor  # B x K x H x W: cosine similarities to the centroids (the code itself with is_direct)
     cluster_loss: Tensor  # the cluster probe's loss, a mean over the batch's images
+    net: NetOutput  # the network's output for the images (not mirrored)
+    code: Tensor  # B x D x h x w: the code the probes see, on the patch grid
 
     def crf_maps(self) -> list[Tensor]:
         """The maps the CRF refines: log-softmax of the linear logits, and of the sharpened cluster similarities."""
@@ -125,9 +130,10 @@ class ProbeOutputs(NamedTuple):
 def probe_outputs(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, img: Tensor,
                   size: tuple[int, int], tta: bool, is_direct: bool) -> ProbeOutputs:
     """The probes on the code of ``img`` (``segment_code``), upsampled bilinearly to ``size``."""
-    code = F.interpolate(segment_code(net, img, tta), size, mode="bilinear", align_corners=False)
-    cluster_out = cluster_probe(code, is_direct=is_direct)
-    return ProbeOutputs(linear_probe(code), cluster_out.inner, cluster_out.loss)
+    out, code = network_code(net, img, tta)
+    upsampled = F.interpolate(code, size, mode="bilinear", align_corners=False)
+    cluster_out = cluster_probe(upsampled, is_direct=is_direct)
+    return ProbeOutputs(linear_probe(upsampled), cluster_out.inner, cluster_out.loss, out, code)
 
 
 @contextlib.contextmanager
@@ -218,9 +224,11 @@ class Evaluator:
 @torch.inference_mode()
 def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, loader: DataLoader,
              device: torch.device, precision: str, cfg: EvalConfig, n_classes: int, crf: bool = False,
-             n_examples: int = 0, desc: str = "eval", world: World = ONE_PROCESS, tta: bool = False) -> Evaluation:
+             n_examples: int = 0, desc: str = "eval", world: World = ONE_PROCESS, tta: bool = False,
+             label_free: Optional[LabelFree] = None) -> Evaluation:
     """Score the probes on ``loader`` (labelled, 320 px); with ``crf`` also after dense-CRF refinement; with ``tta``
-    on the code averaged with that of the mirrored image (``segment_code``).
+    on the code averaged with that of the mirrored image (``segment_code``); with ``label_free``, collect its
+    criteria from the same forward passes.
 
     With several processes, ``loader`` holds this process's share of the images, and the result (metrics, loss,
     number of images) is that of all of them; ``n_examples`` of process 0's first images are kept."""
@@ -237,6 +245,8 @@ def evaluate(net: nn.Module, linear_probe: nn.Module, cluster_probe: nn.Module, 
             with autocast(device, precision):
                 out = probe_outputs(net, linear_probe, cluster_probe, img, label.shape[-2:], tta, cfg.is_direct)
             evaluator.process(img, label, out)
+            if label_free is not None:
+                label_free.process(out.net, out.code)
         evaluator.finish()
     return evaluator.result(world, seconds=_clock(device) - start)
 
@@ -253,11 +263,14 @@ def segment_code(net: nn.Module, img: Tensor, tta: bool = False) -> Tensor:
     (320 px goes in as 322 for a patch of 14). ``tta``: the mean of the code of the image and the mirrored code of
     its mirror (flip test-time augmentation, as STEGO, CAUSE, EAGLE and DepthG evaluate), so the code of a
     mirrored image is exactly the mirror of the code."""
+    return network_code(net, img, tta)[1]
+
+
+def network_code(net: nn.Module, img: Tensor, tta: bool = False) -> tuple[NetOutput, Tensor]:
+    """The network's output for ``img`` and its code as ``segment_code`` gives it."""
     img = fit_to_patches(img, net.patch_size)
-    code = net(img).code
-    if tta:
-        code = (code + net(img.flip(-1)).code.flip(-1)) / 2
-    return code
+    out = net(img)
+    return out, (out.code + net(img.flip(-1)).code.flip(-1)) / 2 if tta else out.code
 
 
 def _mapped(metric: UnsupervisedMetrics, clusters: np.ndarray) -> np.ndarray:
@@ -285,12 +298,13 @@ def checkpoint_sha256(path: Path) -> str:
 
 def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], colors: np.ndarray,
                 checkpoint: str | Path, prefix: str = "", tta: str = "none",
-                crf_backend: str = "pydensecrf") -> dict[str, Path]:
+                crf_backend: str = "pydensecrf", split: str = "val") -> dict[str, Path]:
     """Write ``{prefix}eval_report.json``, the confusion matrix, the per-class IoU chart and the visualisation;
     return their paths.
 
-    The report holds the metrics (``no_crf``, ``crf``), per-class IoU, the checkpoint, the number of images, the
-    test-time augmentation, the CRF backend (null without CRF), and the Hungarian ``matching`` of the cluster probe.
+    The report holds the metrics (``no_crf``, ``crf``), per-class IoU, the checkpoint, the split evaluated
+    (``eval.split``; validations during training score "val") and its number of images, the test-time
+    augmentation, the CRF backend (null without CRF), and the Hungarian ``matching`` of the cluster probe.
     A checkpoint file (a ``Path``) is recorded by its resolved path and its SHA-256 (``checkpoint_sha256``):
     ``predict.py`` names clusters with a report only when both are those of the checkpoint it runs. A string
     ("(training)") is recorded as it is, with no hash."""
@@ -302,7 +316,7 @@ def save_report(evaluation: Evaluation, out_dir: Path, class_names: list[str], c
     report: dict[str, Any] = {**evaluation.metrics(),
                               "per_class_iou": evaluation.no_crf.per_class_iou(class_names),
                               "checkpoint": recorded, "checkpoint_sha256": sha256,
-                              "n_images": evaluation.n_images, "tta": tta,
+                              "split": split, "n_images": evaluation.n_images, "tta": tta,
                               "crf_backend": crf_backend if evaluation.crf is not None else None,
                               "seconds": {"total": round(evaluation.seconds, 3),
                                           "crf": round(evaluation.crf_seconds, 3)},
@@ -345,9 +359,19 @@ class Reports(NamedTuple):
     files: list[Path]  # every file written
 
 
+def evaluation_set(cfg: Config) -> SegmentationDataset:
+    """The split that eval.py and a run's final evaluation report on (``eval.split``) at ``eval.res``, its labels
+    checked (``require_labels``). Validation during training reads "val" whatever ``eval.split`` says, so the
+    checkpoints are never chosen on the split reported."""
+    eval_set = build_dataset(cfg.dataset, cfg.eval.split, cfg.eval.res)
+    require_labels(eval_set)
+    return eval_set
+
+
 def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mapping[str, Any]]], out_dir: Path,
                         fabric: Fabric, precision: str, tracker: Tracker, step: int = 0) -> Reports:
-    """Evaluate loaded checkpoints on the validation split at 320 px, before and (``eval.is_crf``) after CRF.
+    """Evaluate loaded checkpoints on the split ``eval.split`` (``evaluation_set``: val unless the options ask for
+    test) at 320 px, before and (``eval.is_crf``) after CRF.
 
     ``checkpoints`` maps a name (the file stem: "best", "last"; "" for eval.py's file into a folder of the user's
     choice) to (path, checkpoint). For each, ``{name}_eval_report.json`` (recording the checkpoint's resolved path
@@ -359,15 +383,14 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
     world = World(fabric)
 
     def prepare() -> tuple[Any, list]:
-        val_set = build_dataset(cfg.dataset, "val", cfg.eval.res)
-        require_labels(val_set)
-        return val_set, [networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes, str(path))
+        eval_set = evaluation_set(cfg)  # before any network: a missing split is told at once
+        return eval_set, [networks_from_checkpoint(ckpt, cfg.model, eval_set.n_classes, str(path))
                          for path, ckpt in checkpoints.values()]
 
-    val_set, networks = world.agree(prepare)
-    n_classes = val_set.n_classes
-    loader = make_loader(val_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE,
-                         sampler=world.share(len(val_set)))
+    eval_set, networks = world.agree(prepare)
+    n_classes = eval_set.n_classes
+    loader = make_loader(eval_set, cfg.dataloader, cfg.seed, fabric.device, batch_size=EVAL_BATCH_SIZE,
+                         sampler=world.share(len(eval_set)))
     names, colors = class_names(cfg.dataset), color_map(cfg.dataset)
     results, rows, files, times = {}, {}, [], []
     for (name, (path, _)), modules in zip(checkpoints.items(), networks):
@@ -379,7 +402,7 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
         if not world.is_main:
             continue
         paths = save_report(ev, out_dir, names, colors, checkpoint=path, prefix=f"{name}_" if name else "",
-                            tta=cfg.eval.tta, crf_backend=cfg.eval.crf_backend)
+                            tta=cfg.eval.tta, crf_backend=cfg.eval.crf_backend, split=cfg.eval.split)
         files += paths.values()
         rows.update({f"{path.name} {SETTINGS[setting]}": values for setting, values in results[name].items()})
         times.append(f"{path.name}: {ev.seconds:.1f} s" + (f", of which the dense CRF ({cfg.eval.crf_backend}) "
@@ -389,12 +412,36 @@ def evaluate_and_report(cfg: Config, checkpoints: Mapping[str, tuple[Path, Mappi
                      for k, v in values.items()}, step=step)
         tracker.log_images({f"{section}/{k}": v for k, v in paths.items() if k != "report"}, step=step)
     if world.is_main:
-        print(f"{len(val_set)} images of {cfg.dataset.data_type} val, {cfg.dataset.data_path}")
+        print(f"{len(eval_set)} images of {cfg.dataset.data_type} {cfg.eval.split}, {cfg.dataset.data_path}")
         print(format_table(rows))
         print("evaluation time: " + "; ".join(times) + (
             " (the CRF pool's workers refine while the network runs: counted is the time spent handing them images "
             "and waiting for them)" if cfg.eval.is_crf and overlaps_network(cfg.eval.crf_backend) else ""))
     return Reports(metrics=results, files=files)
+
+
+def draw_predictions(cfg: Config, path: Path, ckpt: Mapping[str, Any], out: Path, device: torch.device,
+                     precision: str) -> int:
+    """The cluster probe's predictions of a checkpoint on the first ``eval.n_images`` (at least one) validation
+    images, as the image and its cluster map in one PNG at ``out`` (the clusters by number: without labels there is
+    no matching to name them); returns the number of images drawn. For a run without labels to score."""
+    val_set = build_dataset(cfg.dataset, "val", cfg.eval.res)
+    n_images = min(max(cfg.eval.n_images, 1), len(val_set))
+    net, linear, cluster = (m.to(device) for m in networks_from_checkpoint(ckpt, cfg.model, val_set.n_classes,
+                                                                              str(path)))
+    loader = make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE, sampler=range(n_images))
+    rows = []
+    with eval_mode(net, linear, cluster), torch.inference_mode():
+        for batch in loader:
+            img = batch["img"].to(device)
+            with autocast(device, precision):
+                outputs = probe_outputs(net, linear, cluster, img, img.shape[-2:], cfg.eval.tta == "flip",
+                                        cfg.eval.is_direct)
+            rgb, clusters = denormalize_batch(img), outputs.cluster_inner.argmax(1)
+            rows += [{"image": _np(rgb[j]), "cluster": _np(clusters[j])} for j in range(img.shape[0])]
+    n_clusters = outputs.cluster_inner.shape[1]
+    save_segmentation_grid(out, rows, [f"cluster {k}" for k in range(n_clusters)], pascal_color_map(n_clusters + 1)[1:])
+    return n_images
 
 
 def config_for_checkpoint(cfg: Optional[Config], ckpt: Mapping[str, Any], overrides: Sequence[Any],

@@ -74,17 +74,23 @@ class Journal:
         self._write({"type": "train", **{f.key: stats[f.key] for f in TRAIN_FIELDS}})
         self.tracker.log({f.wandb: stats[f.key] for f in TRAIN_FIELDS}, step=int(stats["iter"]))
 
-    def validation(self, epoch: int, iteration: int, ev: Evaluation, improved: bool, run_dir: Path,
-                   names: list[str], colors: np.ndarray) -> None:
+    def validation(self, epoch: int, iteration: int, ev: Optional[Evaluation], improved: bool, run_dir: Path,
+                   names: list[str], colors: np.ndarray, criteria: Mapping[str, float], chosen: bool) -> None:
+        """One validation: its labelled scores (``ev``; None without labels), whether best.pth was written
+        (``improved``), the label-free ``criteria`` and whether label_free.pth was written (``chosen``)."""
         if self.file is None:
             return
-        metrics = ev.no_crf.values
-        tqdm.write(f"[VAL] iter {iteration:6d} | " + " | ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES)
-                   + (" | new best" if improved else ""), file=sys.stdout)
-        self._write({"type": "val", "epoch": epoch, "iter": iteration, **metrics, "valid_loss": ev.loss,
-                     "best": improved})
-        self.tracker.log({**metrics, "iters": iteration, "valid_loss": ev.loss}, step=iteration)
-        if self.tracker.run is not None:
+        metrics = ev.no_crf.values if ev is not None else {}
+        scores = " | ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES) if metrics else "no labels"
+        tqdm.write(f"[VAL] iter {iteration:6d} | {scores}" + (" | new best" if improved else "") + " | label-free: "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in criteria.items()) + (" | new label-free" if chosen else ""),
+                   file=sys.stdout)
+        record = {**metrics, "valid_loss": ev.loss} if ev is not None else {}
+        self._write({"type": "val", "epoch": epoch, "iter": iteration, **record, "best": improved, **criteria,
+                     "label_free": chosen})
+        self.tracker.log({**record, "iters": iteration, **{f"label_free/{k}": v for k, v in criteria.items()}},
+                         step=iteration)
+        if self.tracker.run is not None and ev is not None:
             paths = save_report(ev, run_dir / VAL_FOLDER, names, colors, checkpoint="(training)")
             self.tracker.log_images({"val_segmentation": paths["visualization"],
                                      "val_confusion_matrix": paths["confusion_matrix"]}, step=iteration)

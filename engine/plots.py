@@ -90,6 +90,10 @@ CURVE_PANELS = (  # (title, [(log.jsonl key, record type, label)]) of curves.png
     ("gradient norm (before clipping)", [("grad_norm", "train", "grad norm")]),
     ("validation (%)", [("Cluster_mIoU", "val", "Cluster mIoU"), ("Cluster_Accuracy", "val", "Cluster Acc"),
                         ("Linear_mIoU", "val", "Linear mIoU"), ("Linear_Accuracy", "val", "Linear Acc")]),
+    ("label-free: cluster similarity, stability", [("cluster_similarity", "val", "similarity to centroid"),
+                                                    ("stability", "val", "stability (ARI)")]),
+    ("label-free: effective rank (RankMe)", [("rankme", "val", "RankMe")]),
+    ("label-free: PPAP loss on validation", [("ppap_loss", "val", "PPAP loss")]),
 )
 CURVE_PANEL_INCHES = (4.5, 2.8)  # width, height of one panel
 CURVE_MARKERS_UP_TO = 50  # points of a curve drawn with markers

@@ -158,7 +158,10 @@ def statistics_of(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Every group's statistics of every checkpoint that some run has (runs of earlier versions have no
+    label_free.pth), setting and metric, with the runs and the repeated seeds."""
     groups = groups_of(runs)
+    present = [checkpoint for checkpoint in CHECKPOINTS if any(checkpoint in r.metrics for r in runs)]
     out: dict[str, Any] = {"runs": [{"path": str(r.path), "seed": r.seed, "group": g,
                                      "data": json.loads(r.options[DATA_KEY])} for g, rs in groups.items() for r in rs],
                            "groups": {}, "repeated_seeds": repeated_seeds(groups)}
@@ -167,7 +170,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             checkpoint: {setting: {metric: statistics_of([r.metrics.get(checkpoint, {}).get(setting, {}).get(metric)
                                                           for r in members]) for metric in METRIC_NAMES}
                          for setting in SETTINGS}
-            for checkpoint in CHECKPOINTS}
+            for checkpoint in present}
     return out
 
 

@@ -30,10 +30,11 @@ from tqdm import tqdm
 from dataset import EpochSampler, SeededSamples, build_dataset, class_names, color_map, fingerprint, make_loader
 from engine.checkpoint import (config_differences, load_checkpoint, load_networks, require_training_state,
                                set_rng_state, training_checkpoint)
-from engine.evaluate import EVAL_BATCH_SIZE, evaluate, evaluate_and_report
+from engine.criteria import LabelFree, better
+from engine.evaluate import EVAL_BATCH_SIZE, draw_predictions, evaluate, evaluate_and_report
 from engine.journal import LABELS, Journal, trim_log
-from engine.rundir import (BEST, CONFIG_FILE, CURVES_FILE, DATA_FILE, FINAL_METRICS, LAST, LOG_FILE, METRIC_NAMES,
-                           own_folder)
+from engine.rundir import (BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, DATA_FILE, FINAL_METRICS, LABEL_FREE, LAST,
+                           LOG_FILE, METRIC_NAMES, own_folder)
 from loss import PPAPLoss, PPAPResult
 from model import build_model, dropout_mask
 from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_to_dict, option_keys
@@ -90,14 +91,29 @@ class Progress:
     best: float = -math.inf  # the best validation score so far (sum of the four metrics)
     best_epoch: int = 0
     best_iter: int = 0
+    label_free: float = math.nan  # the best value so far of train.label_free_criterion (NaN: none yet)
+    label_free_epoch: int = 0
+    label_free_iter: int = 0  # 0: no label_free.pth written yet
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "iter": self.iteration, "batch_in_epoch": self.batch_in_epoch,
-                "best": self.best, "best_epoch": self.best_epoch, "best_iter": self.best_iter}
+                "best": self.best, "best_epoch": self.best_epoch, "best_iter": self.best_iter,
+                "label_free": self.label_free, "label_free_epoch": self.label_free_epoch,
+                "label_free_iter": self.label_free_iter}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.iteration, self.batch_in_epoch = state["epoch"], state["iter"], state["batch_in_epoch"]
         self.best, self.best_epoch, self.best_iter = state["best"], state["best_epoch"], state["best_iter"]
+        # checkpoints written before label_free.pth existed: none chosen yet
+        self.label_free = state.get("label_free", math.nan)
+        self.label_free_epoch, self.label_free_iter = state.get("label_free_epoch", 0), state.get("label_free_iter", 0)
+
+    def label_free_choice(self, criterion: str) -> dict[str, Any]:
+        """What label_free.pth records of its choice; in the released keys too ("best" is then the criterion's value),
+        so that the file holds nothing a label decided."""
+        return {"best": self.label_free, "best_epoch": self.label_free_epoch, "best_iter": self.label_free_iter,
+                "label_free": {"criterion": criterion, "value": self.label_free, "epoch": self.label_free_epoch,
+                               "iter": self.label_free_iter}}
 
 
 @dataclass
@@ -122,9 +138,11 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     n_classes: int
-    validate: bool  # the validation set has labelled pixels to score
+    labelled: bool  # the validation set has labelled pixels to score (else validations compute only the label-free
+    # criteria)
     wandb_run_id: Optional[str] = None  # the wandb run to continue (resume)
     progress: Progress = field(default_factory=Progress)
+    clusters: Optional[Tensor] = None  # this process's cluster assignments at the last validation (for its stability)
     data_fingerprint: dict[str, Any] = field(default_factory=dict)  # of the splits it reads, for tools.report
 
 
@@ -270,11 +288,11 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     if len(train_set) < cfg.dataloader.batch_size:
         raise DataError(f"{cfg.dataset.data_path}: the training set has {len(train_set)} images, fewer than one "
                         f"batch of dataloader.batch_size={cfg.dataloader.batch_size}")
-    validate = val_set.has_labels and val_set.has_labelled_pixels()
-    if not validate and world.is_main:
+    labelled = val_set.has_labels and val_set.has_labelled_pixels()
+    if not labelled and world.is_main:
         why = "has no labels" if not val_set.has_labels else "labels every pixel as ignored"
-        log.warning("the validation set %s: training runs without validation scores, best.pth and the final "
-                    "evaluation; last.pth is saved every %d iterations", why, cfg.train.valid_freq)
+        log.warning("the validation set %s: its validations compute only the label-free criteria, and the run writes "
+                    "label_free.pth and last.pth, without best.pth and final metrics", why)
     sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed, world.rank, world.size)
     net, linear, cluster = (fabric.to_device(m) for m in build_model(cfg.model, val_set.n_classes))
     run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, world=world, precision=precision,
@@ -286,7 +304,7 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
                                        batch_size=sampler.local_batch_size, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE,
                                      sampler=world.share(len(val_set))),
-              n_classes=val_set.n_classes, validate=validate,
+              n_classes=val_set.n_classes, labelled=labelled,
               data_fingerprint=fingerprint({"train": train_set, "val": val_set}, cfg.dataset.data_path))
     if ckpt is not None:
         _restore(run, ckpt, last_path)
@@ -346,13 +364,24 @@ def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Op
                           total=cfg.train.epoch, disable=None if world.is_main else True):
             train_one_epoch(run, epoch, journal)
         journal.draw_curves(run_dir / CURVES_FILE, now=True)  # the whole run, however recently it was drawn
-        if not run.validate:
+        if not run.labelled:
+            _draw_label_free(run)
             return {}
         return final_evaluation(cfg, run_dir, run.fabric, run.precision, tracker, step=run.progress.iteration)
     finally:
         journal.close()
         tracker.finish()
         _release(run)
+
+
+def _draw_label_free(run: Run) -> None:
+    """The end of a run without labels to score: the label-free choice's predictions, drawn by process 0."""
+    if run.world.is_main:
+        path, out = run.run_dir / LABEL_FREE, run.run_dir / f"{Path(LABEL_FREE).stem}_visualization.png"
+        n = draw_predictions(run.cfg, path, load_checkpoint(path), out, run.fabric.device, run.precision)
+        print(f"the validation set has no labels to score: no final metrics; wrote {out} (the cluster predictions of "
+              f"{LABEL_FREE} on {n} validation images)")
+    run.world.barrier()
 
 
 def _release(run: Run) -> None:
@@ -427,55 +456,85 @@ def _param_norm(module: nn.Module) -> float:
 
 
 def validate_and_save(run: Run, journal: Journal) -> None:
-    """Score the validation set (no CRF; each process its share); write best.pth when the score improved, and
-    always last.pth (process 0, while the others wait)."""
-    progress, improved = run.progress, False
-    if run.validate:
-        ev = evaluate(run.net.module, run.linear.module, run.cluster.module, run.val_loader, run.fabric.device,
-                      run.precision, run.cfg.eval, run.n_classes,
-                      n_examples=VAL_EXAMPLES if journal.tracker.run is not None else 0, desc="validation",
-                      world=run.world)
-        score = sum(ev.no_crf.values[m] for m in METRIC_NAMES)  # the original's model-selection criterion
-        improved = score >= progress.best  # a tie keeps the later weights: best.pth is chosen as the original chose it
-        if improved:
-            progress.best, progress.best_epoch, progress.best_iter = score, progress.epoch, progress.iteration
-        journal.validation(progress.epoch, progress.iteration, ev, improved, run.run_dir,
-                           class_names(run.cfg.dataset), color_map(run.cfg.dataset))
+    """Score the validation set (no CRF; each process its share) and compute the label-free criteria; write best.pth
+    when the labelled score improved, label_free.pth when ``train.label_free_criterion`` did, and always last.pth
+    (process 0, while the others wait)."""
+    progress = run.progress
+    label_free = LabelFree(run.cluster.module, run.loss_fn, run.cfg.eval.is_direct, run.clusters,
+                           run.net.module.model.embed_dim, run.fabric.device)
+    ev = evaluate(run.net.module, run.linear.module, run.cluster.module, run.val_loader, run.fabric.device,
+                  run.precision, run.cfg.eval, run.n_classes,
+                  n_examples=VAL_EXAMPLES if journal.tracker.run is not None and run.labelled else 0,
+                  desc="validation", world=run.world, label_free=label_free)
+    criteria, run.clusters = label_free.result(run.world), label_free.assignments
+    score = sum(ev.no_crf.values[m] for m in METRIC_NAMES)  # the original's model-selection criterion (NaN unlabelled)
+    improved = score >= progress.best  # a tie keeps the later weights: best.pth is chosen as the original chose it
+    if improved:
+        progress.best, progress.best_epoch, progress.best_iter = score, progress.epoch, progress.iteration
+    chosen = _choose_label_free(progress, criteria, run.cfg.train.label_free_criterion)
+    journal.validation(progress.epoch, progress.iteration, ev if run.labelled else None, improved, run.run_dir,
+                       class_names(run.cfg.dataset), color_map(run.cfg.dataset), criteria, chosen)
     if run.world.is_main:
-        with signals.deferred():  # best.pth and last.pth together: an interrupt never leaves one without the other
+        with signals.deferred():  # the checkpoints together: an interrupt never leaves one without the others
             if improved:
                 _save(run, run.run_dir / BEST, journal.tracker)
+            if chosen:
+                _save(run, run.run_dir / LABEL_FREE, journal.tracker,
+                      progress.label_free_choice(run.cfg.train.label_free_criterion))
             _save(run, run.run_dir / LAST, journal.tracker)
         journal.draw_curves(run.run_dir / CURVES_FILE)
     run.world.barrier()  # the checkpoints are complete before any process goes on
 
 
-def _save(run: Run, path: Path, tracker: Tracker) -> None:
-    save_atomically(training_checkpoint(run.net, run.linear, run.cluster, run.optimizers._asdict(),
-                                        run.scaler.state_dict(), run.progress.state_dict(), config_to_dict(run.cfg),
-                                        tracker.run_id), path)
+def _choose_label_free(progress: Progress, criteria: dict[str, float], criterion: str) -> bool:
+    """Whether this validation's weights become label_free.pth: the first validation's always (so that a run has one
+    from its first validation on, even where the criterion is not defined yet), then those of the best value."""
+    value = criteria[criterion]
+    if progress.label_free_iter and not better(value, progress.label_free, criterion):
+        return False
+    progress.label_free, progress.label_free_epoch, progress.label_free_iter = value, progress.epoch, progress.iteration
+    return True
+
+
+def _save(run: Run, path: Path, tracker: Tracker, choice: Optional[dict[str, Any]] = None) -> None:
+    """A training checkpoint of the run at ``path``; ``choice``: what replaces the progress's keys in it."""
+    ckpt = training_checkpoint(run.net, run.linear, run.cluster, run.optimizers._asdict(), run.scaler.state_dict(),
+                               run.progress.state_dict(), config_to_dict(run.cfg), tracker.run_id)
+    save_atomically({**ckpt, **(choice or {})}, path)
 
 
 def final_evaluation(cfg: Config, run_dir: Path, fabric: Fabric, precision: str, tracker: Tracker,
                      step: int = 0) -> dict[str, Any]:
-    """Evaluate the run's best.pth and last.pth before and after CRF; print one table; write final_metrics.json
-    (process 0; every process evaluates its share of the images)."""
+    """Evaluate the run's best.pth, last.pth and label_free.pth before and after CRF; print one table; write
+    final_metrics.json (process 0; every process evaluates its share of the images). A run folder of an earlier
+    version without label_free.pth is evaluated without it."""
     world = World(fabric)
 
     def load() -> dict[str, tuple[Path, dict[str, Any]]]:
         checkpoints = {}
-        for name in (BEST, LAST):
-            path = run_dir / name
+        for name, file in CHECKPOINTS.items():
+            path = run_dir / file
+            if file == LABEL_FREE and not path.exists():
+                continue
             if not path.is_file():
                 raise UserError(f"{path} not found; train first (run.py without --test)")
-            checkpoints[path.stem] = (path, load_checkpoint(path))
+            checkpoints[name] = (path, load_checkpoint(path))
         return checkpoints
 
-    results = evaluate_and_report(cfg, world.agree(load), run_dir, fabric, precision, tracker, step=step).metrics
+    checkpoints = world.agree(load)
+    results = evaluate_and_report(cfg, checkpoints, run_dir, fabric, precision, tracker, step=step).metrics
     if world.is_main:
         write_text_atomically(run_dir / FINAL_METRICS, to_json(results, indent=2) + "\n")
-        print("best.pth is selected with validation labels; last.pth is the label-free choice.")
+        print(f"{BEST} is chosen with validation labels; {_label_free_line(checkpoints)}{LAST} is the last.")
     return results
+
+
+def _label_free_line(checkpoints: dict[str, tuple[Path, dict[str, Any]]]) -> str:
+    if "label_free" not in checkpoints:
+        return f"this run has no {LABEL_FREE} (written by later versions); "
+    choice = checkpoints["label_free"][1].get("label_free", {})
+    return (f"{LABEL_FREE} without labels, by {choice.get('criterion')} ({choice.get('value', math.nan):.4g} at "
+            f"iteration {choice.get('iter')}); ")
 
 
 def evaluate_run(cfg: Config, run_dir: Path, fabric: Fabric, tracker: Tracker) -> dict[str, Any]:

@@ -142,13 +142,16 @@ OVERFLOW = 1e30  # finite in fp32, so the run goes on; its gradients overflow fp
 
 
 def patch_ppap_loss(monkeypatch, overflow_at=(), interrupt_at=None) -> None:
-    """Count the PPAP loss calls (one per training iteration): raise KeyboardInterrupt (Ctrl-C) at call
-    ``interrupt_at``, multiply the loss by ``OVERFLOW`` at the calls in ``overflow_at``."""
+    """Count the PPAP loss calls of the training iterations (one each; the validation's label-free criterion calls it
+    in inference mode, uncounted): raise KeyboardInterrupt (Ctrl-C) at call ``interrupt_at``, multiply the loss by
+    ``OVERFLOW`` at the calls in ``overflow_at``."""
     from loss import PPAPLoss
 
     original, calls = PPAPLoss.forward, {"n": 0}
 
     def patched(self, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return original(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == interrupt_at:
             raise KeyboardInterrupt

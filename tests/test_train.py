@@ -44,7 +44,7 @@ def test_run_writes_checkpoints_with_the_released_keys(trained):
     blocks = {k.split(".")[2] for k in load_checkpoint(trained / "last.pth")["net_model_state_dict"]
               if k.startswith("model.blocks.")}
     assert blocks == {"0", "1"}  # the shallow test ViT
-    for name in ("best.pth", "last.pth"):
+    for name in ("best.pth", "last.pth", "label_free.pth"):
         ckpt = load_checkpoint(trained / name)
         assert RELEASED <= set(ckpt)
         assert {k.split(".")[0] for k in ckpt["net_model_state_dict"]} == {"model", "decoder", "project_head"}
@@ -55,8 +55,10 @@ def test_run_directory_holds_config_log_and_final_report(trained):
     assert load_config(trained / "config.json").dataset.n_classes == 3
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records].count("train") == 4 and [r["type"] for r in records].count("val") == 2
+    for record in (r for r in records if r["type"] == "val"):  # the label-free criteria and choice of each validation
+        assert {"cluster_similarity", "rankme", "ppap_loss", "stability", "label_free"} <= set(record)
     final = json.loads((trained / "final_metrics.json").read_text())
-    assert set(final) == {"best", "last"}
+    assert set(final) == {"best", "last", "label_free"}
     assert all(set(final[w]) == {"no_crf", "crf"} and set(final[w]["crf"]) == METRICS for w in final)
     assert (trained / "last_visualization.png").stat().st_size > 0
     assert (trained / "curves.png").stat().st_size > 0  # drawn from log.jsonl at the end of training
@@ -168,6 +170,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, 
 
     def diverging(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
+        if torch.is_inference_mode_enabled():  # the validation's label-free criterion
+            return result
         calls["n"] += 1
         return result._replace(loss=result.loss * float("nan")) if calls["n"] == 3 else result
 
