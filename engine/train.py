@@ -98,14 +98,14 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "iter": self.iteration, "batch_in_epoch": self.batch_in_epoch,
                 "best": self.best, "best_epoch": self.best_epoch, "best_iter": self.best_iter,
-                "label_free": self.label_free, "label_free_epoch": self.label_free_epoch,
+                "label_free_best": self.label_free, "label_free_epoch": self.label_free_epoch,
                 "label_free_iter": self.label_free_iter}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.iteration, self.batch_in_epoch = state["epoch"], state["iter"], state["batch_in_epoch"]
         self.best, self.best_epoch, self.best_iter = state["best"], state["best_epoch"], state["best_iter"]
         # checkpoints written before label_free.pth existed: none chosen yet
-        self.label_free = state.get("label_free", math.nan)
+        self.label_free = state.get("label_free_best", math.nan)
         self.label_free_epoch, self.label_free_iter = state.get("label_free_epoch", 0), state.get("label_free_iter", 0)
 
     def label_free_choice(self, criterion: str) -> dict[str, Any]:
