@@ -19,7 +19,8 @@ LOG_FILE = "log.jsonl"  # one JSON line per train line and per validation
 CURVES_FILE = "curves.png"  # drawn from log.jsonl
 LAST, BEST = "last.pth", "best.pth"
 LABEL_FREE = "label_free.pth"  # chosen at the validations by train.label_free_criterion, without labels
-CHECKPOINTS = {"best": BEST, "last": LAST, "label_free": LABEL_FREE}  # final_metrics.json's keys -> the file each scores
+# final_metrics.json's keys -> the checkpoint file each key scores
+CHECKPOINTS = {"best": BEST, "last": LAST, "label_free": LABEL_FREE}
 FINAL_METRICS = "final_metrics.json"  # written at the end of a run: a run folder without it is unfinished
 VAL_FOLDER = "val"  # the latest validation's report and pictures, written for wandb
 LOCK_FILE = ".lock"  # held by the process that owns the folder: a run's or a sweep's
