@@ -75,7 +75,8 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     if args.test:
         evaluate_run(cfg, run_dir, fabric, make_tracker(None))
         return ExitStatus.OK
-    if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS and world.is_main:
+    from_scratch = cfg.self_training.checkpoint is None  # a second stage's backbone is its first stage's
+    if cfg.model.pretrained.pretrained_weights == NONE_WEIGHTS and from_scratch and world.is_main:
         print("NOTE: this is a smoke run with a RANDOM backbone (model.pretrained.pretrained_weights is \"none\"): "
               "it shows that the pipeline works, not what PPAP learns. For real training use DINO weights "
               "(pretrained_weights null, or a local file) and real data, e.g. json/server/cocostuff8.json.")

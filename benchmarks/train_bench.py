@@ -9,10 +9,12 @@ speed does not depend on them.
     python benchmarks/train_bench.py --arch vit_small --patch 8 --batch 8 --device cuda --precision fp16
     python benchmarks/train_bench.py --family dinov2 --arch vit_small --patch 14 --batch 8
     python benchmarks/train_bench.py --deterministic ...   # instead: ours with and without deterministic: true
+    python benchmarks/train_bench.py --second-stage [--crf pydensecrf] ...   # instead: a first and a second-stage step
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -23,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.loss_bench import PAPER_COEFF, straightforward_loss  # noqa: E402
+from engine.self_training import SelfTraining, Teacher  # noqa: E402
 from engine.train import build_optimizers, forward_losses  # noqa: E402
 from loss import PPAPLoss, PPAPResult  # noqa: E402
 from model import build_model  # noqa: E402
-from config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig  # noqa: E402
+from config import BACKBONES, ModelConfig, OptimizerConfig, PretrainedConfig, SelfTrainingConfig  # noqa: E402
 from utils.device import autocast, deterministic_algorithms, grad_scaler  # noqa: E402
 from utils.distributed import ONE_PROCESS  # noqa: E402
 
@@ -44,12 +47,12 @@ class StraightforwardPPAP(torch.nn.Module):
 
 
 def train_step(modules, optimizers, scaler, loss_fn, img, label, precision: str, world=ONE_PROCESS,
-               stream=None, dropout_channels: int = 0) -> None:
+               stream=None, dropout_channels: int = 0, self_training=None) -> None:
     """One iteration of engine/train.py's train_one_epoch, without its logging and checks."""
     net, linear, cluster = modules
     with autocast(img.device, precision):
         terms, _ = forward_losses(net, linear, cluster, loss_fn, img, label, N_CLASSES, world, stream,
-                                  dropout_channels)
+                                  dropout_channels, self_training)
     scaler.scale(terms.total * world.size).backward()
     scaler.unscale_(optimizers.net)
     torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
@@ -58,9 +61,11 @@ def train_step(modules, optimizers, scaler, loss_fn, img, label, precision: str,
     scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
+    if self_training is not None:
+        self_training.after_step(net, cluster)
 
 
-def images_per_second(loss_fn, args, device: torch.device) -> float:
+def images_per_second(loss_fn, args, device: torch.device, second_stage: bool = False) -> float:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=BACKBONES[args.family].widths[args.arch], pretrained=PretrainedConfig(
         name=args.family, model_type=args.arch, dino_patch_size=args.patch, pretrained_weights="none"))
@@ -69,13 +74,21 @@ def images_per_second(loss_fn, args, device: torch.device) -> float:
     scaler = grad_scaler(device, args.precision)
     img = torch.randn(args.batch, 3, 224, 224, device=device)
     label = torch.randint(N_CLASSES, (args.batch, 224, 224), device=device)
+    stage = None
+    if second_stage:  # the teacher of engine/self_training.py; the projection head is then not trained
+        stage = SelfTraining(SelfTrainingConfig(checkpoint="(benchmark)", crf=args.crf),
+                             Teacher(net, cluster).to(device), {}, is_direct=False)
+        net.project_head.requires_grad_(False)
+        optimizers = build_optimizers(OptimizerConfig(), net, linear, cluster)
     times = []
-    for _ in range(args.steps + 1):  # the first step warms up
-        start = time.perf_counter()
-        train_step((net, linear, cluster), optimizers, scaler, loss_fn, img, label, args.precision)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    with stage or contextlib.nullcontext():
+        for _ in range(args.steps + 1):  # the first step warms up
+            start = time.perf_counter()
+            train_step((net, linear, cluster), optimizers, scaler, loss_fn, img, label, args.precision,
+                       self_training=stage)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
     return args.batch / sorted(times[1:])[len(times[1:]) // 2]
 
 
@@ -91,10 +104,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     parser.add_argument("--deterministic", action="store_true",
                         help="time our step without and with deterministic kernels (the cost of deterministic: true)")
+    parser.add_argument("--second-stage", action="store_true",
+                        help="time a first-stage step and a second-stage (self-training) step")
+    parser.add_argument("--crf", default=None, choices=("pydensecrf", "torch"),
+                        help="with --second-stage: refine the pseudo-labels with this CRF backend")
     args = parser.parse_args()
     device = torch.device(args.device)
     ours = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
-    if args.deterministic:  # the same step, with deterministic kernels
+    if args.second_stage:
+        other = images_per_second(PPAPLoss(PAPER_COEFF), args, device, second_stage=True)
+        results = {"ours_images_per_s": ours, "second_stage_images_per_s": other}
+        lines = [("first stage", ours), (f"second stage{', ' + args.crf + ' CRF' if args.crf else ''}", other)]
+    elif args.deterministic:  # the same step, with deterministic kernels
         with deterministic_algorithms(True):
             other = images_per_second(PPAPLoss(PAPER_COEFF), args, device)
         results = {"ours_images_per_s": ours, "deterministic_images_per_s": other}
@@ -107,8 +128,8 @@ def main() -> None:
         print(json.dumps(results))
     print(f"training step, {args.family} {args.arch}/{args.patch}, batch {args.batch}, 224 px, {args.precision}, "
           f"device={device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  {lines[0][0]:<21s}{lines[0][1]:8.2f} images/s")
-    print(f"  {lines[1][0]:<21s}{lines[1][1]:8.2f} images/s   ({lines[1][1] / lines[0][1]:.2f}x)")
+    print(f"  {lines[0][0]:<30s}{lines[0][1]:8.2f} images/s")
+    print(f"  {lines[1][0]:<30s}{lines[1][1]:8.2f} images/s   ({lines[1][1] / lines[0][1]:.2f}x)")
 
 
 if __name__ == "__main__":

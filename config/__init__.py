@@ -5,11 +5,11 @@ from config.families import BACKBONE_WIDTH, BACKBONES, Family, Size
 from config.loader import config_from_dict, config_to_dict, load_config
 from config.schema import (DATA_TYPES, EVAL_RES, EVAL_SPLITS, EVALUATION_INPUT, GATHER_PRECISIONS, NO_EFFECT,
                            NONE_WEIGHTS, TTA_MODES, WANDB_MODES, Config, DataloaderConfig, DatasetConfig, EvalConfig, ModelConfig,
-                           OptimConfig, OptimizerConfig, PretrainedConfig, TrainConfig, TrainingCoeff, WandbConfig,
+                           OptimConfig, OptimizerConfig, PretrainedConfig, SelfTrainingConfig, TrainConfig, TrainingCoeff, WandbConfig,
                            option_keys)
 
 __all__ = ["BACKBONE_WIDTH", "BACKBONES", "DATA_TYPES", "EVAL_RES", "EVAL_SPLITS", "EVALUATION_INPUT",
            "GATHER_PRECISIONS", "NO_EFFECT", "NONE_WEIGHTS", "TTA_MODES", "WANDB_MODES", "Config", "DataloaderConfig", "DatasetConfig",
-           "EvalConfig", "Family", "ModelConfig", "OptimConfig", "OptimizerConfig", "PretrainedConfig", "Size",
+           "EvalConfig", "Family", "ModelConfig", "OptimConfig", "OptimizerConfig", "PretrainedConfig", "SelfTrainingConfig", "Size",
            "TrainConfig", "TrainingCoeff", "WandbConfig", "config_from_dict", "config_to_dict", "load_config",
            "option_keys"]

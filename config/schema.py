@@ -20,6 +20,7 @@ TTA_MODES = ("none", "flip")
 EVAL_SPLITS = ("val", "test")  # eval.split: the split eval.py and a run's final evaluation report on
 # train.label_free_criterion: what chooses label_free.pth at the validations, without labels (engine/criteria.py)
 LABEL_FREE_CRITERIA = ("cluster_similarity", "rankme", "ppap_loss", "stability")
+TEACHERS = ("ema", "fixed", "epoch")  # self_training.teacher (engine/self_training.py)
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 EVAL_RES = 320  # eval.res: shorter side to 320 and a centre crop of 320 x 320, as STEGO and PPAP evaluate
 BASE_KEY = "base"  # top-level key naming an option file this one extends
@@ -276,6 +277,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SelfTrainingConfig:
+    """Ours: the second stage (docs/self_training.md). With ``checkpoint`` set, run.py trains a student, initialised
+    from that first-stage checkpoint, on the cluster maps of a teacher; without it nothing of this section is read."""
+
+    checkpoint: Optional[str] = None  # the first stage's checkpoint (label_free.pth, last.pth, best.pth, released)
+    teacher: str = "ema"  # ema: the student's moving average; fixed: the first stage; epoch: the student, renewed
+    ema_decay: float = 0.99  # teacher "ema": teacher = decay * teacher + (1 - decay) * student, every iteration
+    temperature: float = 0.1  # the cluster probe's cosine similarities / temperature: the student's logits
+    confidence: float = 0.0  # pixels where the teacher's probability of its cluster is below this are ignored
+    crf: Optional[str] = None  # null, or a CRF backend ("pydensecrf", "torch") that refines the teacher's maps
+    crf_workers: Optional[int] = no_effect(None)  # the CRF pool's processes; null = usable cores
+    tta: bool = False  # the teacher's code averaged with the mirrored code of the mirrored image
+    ppap_weight: float = 0.0  # the PPAP loss, times this, beside the cross-entropy (0: not computed)
+
+    def __post_init__(self) -> None:
+        _require(self.checkpoint != "", "checkpoint", "is empty: use null (no second stage) or a checkpoint file")
+        _choice(self.teacher, "teacher", TEACHERS)
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1) (got {self.ema_decay})")
+        _require(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        _require(0.0 <= self.confidence < 1.0, "confidence",
+                 f"must be a probability in [0, 1) (got {self.confidence}); 0 keeps every pixel")
+        _choice(self.crf, "crf", (None, *CRF_BACKENDS))
+        _require(self.crf_workers is None or self.crf_workers >= 0, "crf_workers",
+                 f"must be >= 0 or null (got {self.crf_workers})")
+        _require(self.ppap_weight >= 0, "ppap_weight", f"must be >= 0 (got {self.ppap_weight})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     gpu_ids: tuple[int, ...] = no_effect((0,))  # device "auto" uses the first one when CUDA is available
     output_dir: str = no_effect("./output/")
@@ -288,6 +317,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = evaluation_input(default_factory=EvalConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     seed: int = 0  # ours: seeds torch, numpy, random and the data-loader workers
     device: str = "auto"  # ours: auto | cpu | cuda | cuda:N
     precision: str = "auto"  # ours: auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16

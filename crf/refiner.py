@@ -19,7 +19,7 @@ from torch import Tensor
 
 from crf.lattice import dense_crf_torch, dense_crf_torch_shared
 from crf.parameters import BACKENDS
-from crf.pool import CRFPool
+from crf.pool import OUTPUTS, CRFPool
 from crf.pydensecrf_backend import check_inputs, refine
 
 POOLED = "pydensecrf"  # refined in worker processes, beside the network
@@ -48,7 +48,7 @@ def overlaps_network(backend: str) -> bool:
     return backend == POOLED
 
 
-Refined = tuple[Hashable, list[Tensor]]  # an image's key, and the H x W labels of each of its maps
+Refined = tuple[Hashable, list[Tensor]]  # an image's key, and the H x W labels (or C x H x W probabilities) of each map
 
 
 class Refiner:
@@ -57,15 +57,18 @@ class Refiner:
     exception (Ctrl-C included) stops the pool's workers at once.
 
     ``backend``: a name of ``BACKENDS``; ``workers``: the pool's processes (``eval.crf_workers``: None = the usable
-    cores, 0 = serial in this process).
+    cores, 0 = serial in this process); ``output``: "labels" (H x W, the most probable class) or "probs" (the CRF's
+    C x H x W float32 class probabilities).
     """
 
-    def __init__(self, backend: str, workers: Optional[int] = None) -> None:
+    def __init__(self, backend: str, workers: Optional[int] = None, output: str = "labels") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
-        self.backend = backend
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS} (got {output!r})")
+        self.backend, self.output = backend, output
         self.overlaps_network = overlaps_network(backend)
-        self._pool = CRFPool(workers, output="labels") if self.overlaps_network else None
+        self._pool = CRFPool(workers, output=output) if self.overlaps_network else None
         self._done: deque[Refined] = deque()  # refined on the device, not yet taken
         self._maps: deque[tuple[Hashable, int, torch.device]] = deque()  # in the pool: key, its maps, its device
         self._parts: list[Tensor] = []  # labels of the front image's maps that are back from the pool
@@ -81,7 +84,8 @@ class Refiner:
         """Refine ``images`` (B x H x W x 3 uint8 RGB) with each of ``maps`` (B x C x h x w log-probabilities, or
         logits), one key per image. The pool copies them to the host; the device backend refines them now."""
         if self._pool is None:
-            labels = [probs.argmax(1) for probs in dense_crf_torch_shared(images, list(maps))]
+            labels = [probs.argmax(1) if self.output == "labels" else probs
+                      for probs in dense_crf_torch_shared(images, list(maps))]
             self._done.extend((key, [each[j] for each in labels]) for j, key in enumerate(keys))
             return
         host_images, host_maps = images.cpu().numpy(), [m.cpu().numpy() for m in maps]

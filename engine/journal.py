@@ -42,7 +42,9 @@ TRAIN_FIELDS = (
     Field("grad_norm", "grad_norm", "grad {:7.3f}", "network gradient norm before clipping"),
     Field("param_norm", "param_norm", None, "norm of the trained network parameters"),
     Field("images_per_s", "images_per_s", "{:6.1f} img/s", "images per second"),
+    Field("pseudo_kept", "pseudo_kept", "kept {:5.3f}", "fraction of pixels with a pseudo-label (second stage)"),
 )
+OPTIONAL_FIELDS = ("pseudo_kept",)  # in the train lines of a second stage only
 LABELS = {f.key: f.label for f in TRAIN_FIELDS}
 # curves.png is redrawn at a validation once this long has passed since it was last drawn (drawing takes most of a
 # second; validations can come every few seconds), and at the end of training
@@ -67,12 +69,13 @@ class Journal:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def train_line(self, stats: Mapping[str, float]) -> None:
-        """``stats``: a value for every key of ``TRAIN_FIELDS``."""
+        """``stats``: a value for every key of ``TRAIN_FIELDS`` but the ``OPTIONAL_FIELDS``."""
         if self.file is None:
             return
-        tqdm.write(" | ".join(f.console.format(stats[f.key]) for f in TRAIN_FIELDS if f.console), file=sys.stdout)
-        self._write({"type": "train", **{f.key: stats[f.key] for f in TRAIN_FIELDS}})
-        self.tracker.log({f.wandb: stats[f.key] for f in TRAIN_FIELDS}, step=int(stats["iter"]))
+        fields = [f for f in TRAIN_FIELDS if f.key not in OPTIONAL_FIELDS or f.key in stats]
+        tqdm.write(" | ".join(f.console.format(stats[f.key]) for f in fields if f.console), file=sys.stdout)
+        self._write({"type": "train", **{f.key: stats[f.key] for f in fields}})
+        self.tracker.log({f.wandb: stats[f.key] for f in fields}, step=int(stats["iter"]))
 
     def validation(self, epoch: int, iteration: int, ev: Optional[Evaluation], improved: bool, run_dir: Path,
                    names: list[str], colors: np.ndarray, criteria: Mapping[str, float], chosen: bool) -> None:

@@ -11,6 +11,7 @@ log and the reports, prints and logs to wandb; the others wait for its checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -21,7 +22,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning_fabric import Fabric
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -33,9 +33,10 @@ from engine.checkpoint import (config_differences, load_checkpoint, load_network
 from engine.criteria import LabelFree, better
 from engine.evaluate import EVAL_BATCH_SIZE, draw_predictions, evaluate, evaluate_and_report
 from engine.journal import LABELS, Journal, trim_log
+from engine.self_training import SelfTraining, start_self_training
 from engine.rundir import (BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, DATA_FILE, FINAL_METRICS, LABEL_FREE, LAST,
                            LOG_FILE, METRIC_NAMES, own_folder)
-from loss import PPAPLoss, PPAPResult
+from loss import PPAPLoss, PPAPResult, probe_cross_entropy
 from model import build_model, dropout_mask
 from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_to_dict, option_keys
 from utils.device import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
@@ -66,7 +67,7 @@ class LossTerms(NamedTuple):
 
     ppap: Tensor  # the PPAP loss of the network
     linear: Tensor  # the linear probe's cross-entropy on the labels
-    cluster: Tensor  # the cluster probe's loss
+    cluster: Tensor  # the cluster probe's loss; in a second stage, the student's cross-entropy on the teacher's maps
 
     @property
     def total(self) -> Tensor:
@@ -142,6 +143,7 @@ class Run:
     # criteria)
     wandb_run_id: Optional[str] = None  # the wandb run to continue (resume)
     progress: Progress = field(default_factory=Progress)
+    self_training: Optional[SelfTraining] = None  # a second stage's teacher (self_training.checkpoint)
     clusters: Optional[Tensor] = None  # this process's cluster assignments at the last validation (for its stability)
     data_fingerprint: dict[str, Any] = field(default_factory=dict)  # of the splits it reads, for tools.report
 
@@ -165,45 +167,6 @@ def build_optimizers(cfg: OptimizerConfig, net: nn.Module, linear: nn.Module, cl
     return Optimizers(net=make(cfg.net, net), linear=make(cfg.linear, linear), cluster=make(cfg.cluster, cluster))
 
 
-def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int, world: World = ONE_PROCESS) -> Tensor:
-    """The linear probe's loss: logits upsampled to the label size, unlabelled pixels ignored; the mean over the
-    labelled pixels of the global batch (with several processes, this process's part of it)."""
-    logits = upsample(logits, label.shape[-2:])
-    valid = (label >= 0) & (label < n_classes)
-    counted = int(world.sum(valid.sum()))
-    if not counted:  # an unlabelled batch teaches the probe nothing (the original returned NaN)
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid], reduction="sum") / counted
-
-
-def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of N x C x h x w logits to ``size`` (``F.interpolate``, align_corners False).
-
-    With deterministic algorithms on (``deterministic: true``), as two products with the interpolation weights: the
-    same values up to float rounding, with a backward pass that repeats bit for bit on CUDA, where PyTorch has no
-    deterministic kernel for the backward of ``F.interpolate``'s bilinear mode."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return F.interpolate(logits, size, mode="bilinear", align_corners=False)
-    rows = bilinear_weights(logits.shape[-2], size[0]).to(logits.device, logits.dtype)
-    cols = bilinear_weights(logits.shape[-1], size[1]).to(logits.device, logits.dtype)
-    return rows @ logits @ cols.T
-
-
-def bilinear_weights(n_in: int, n_out: int) -> Tensor:
-    """The n_out x n_in matrix of 1-D bilinear interpolation with half-pixel centres (align_corners False): output
-    i reads the input at (i + 0.5) * n_in / n_out - 0.5, clamped at 0, from its two neighbours (the last one
-    repeated at the border), as PyTorch's kernel does."""
-    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
-    low = source.floor().long().clamp_max(n_in - 1)
-    high = (low + 1).clamp_max(n_in - 1)
-    frac = source - low
-    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    weights.index_put_((rows, low), 1.0 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights
-
-
 def iteration_stream(seed: int, iteration: int) -> torch.Generator:
     """The random stream of one training iteration, from (seed, iteration) alone: the same on every process and
     after a resume. The feature-dropout masks and the anchors of the global batch are drawn from it."""
@@ -213,8 +176,11 @@ def iteration_stream(seed: int, iteration: int) -> torch.Generator:
 
 def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_fn: nn.Module, img: Tensor,
                    label: Tensor, n_classes: int, world: World = ONE_PROCESS,
-                   stream: Optional[torch.Generator] = None, dropout_channels: int = 0) -> tuple[LossTerms, PPAPResult]:
-    """The loss terms of one batch: PPAP on the network's output, the probes' losses on the detached code.
+                   stream: Optional[torch.Generator] = None, dropout_channels: int = 0,
+                   self_training: Optional[SelfTraining] = None) -> tuple[LossTerms, Optional[PPAPResult]]:
+    """The loss terms of one batch: PPAP on the network's output, the probes' losses on the detached code; in a second
+    stage (``self_training``), the student's cross-entropy on the teacher's maps instead of the cluster probe's loss,
+    and PPAP times ``self_training.ppap_weight`` (not computed at 0: the PPAPResult is then None).
 
     With ``stream`` (``iteration_stream()``), the feature-dropout masks of the ``dropout_channels`` channels
     (0: the network drops none) and the anchors are drawn from it for the global batch, and this process takes
@@ -226,11 +192,22 @@ def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_f
         mask = dropout_mask(n * world.size, dropout_channels, stream)[world.rank * n:(world.rank + 1) * n]
         mask = mask.to(img.device)
     out = net(img, dropout_mask=mask)
-    ppap = loss_fn(out.z, out.feats, world=world, generator=stream)
     code = out.code.detach()  # labels reach only the probes
-    # the cluster probe's loss is a mean over the pixels, and every process has as many
-    return LossTerms(ppap=ppap.loss, linear=probe_cross_entropy(linear(code), label, n_classes, world),
-                     cluster=cluster(code).loss / world.size), ppap
+    linear_loss = probe_cross_entropy(linear(code), label, n_classes, world)
+    if self_training is None:
+        ppap = loss_fn(out.z, out.feats, world=world, generator=stream)
+        # the cluster probe's loss is a mean over the pixels, and every process has as many
+        return LossTerms(ppap=ppap.loss, linear=linear_loss, cluster=cluster(code).loss / world.size), ppap
+    weight = self_training.cfg.ppap_weight
+    ppap = loss_fn(out.z, out.feats, world=world, generator=stream) if weight else None
+    student = self_training.loss(_plain(net), out, img, cluster, world)
+    return LossTerms(ppap=ppap.loss * weight if ppap else student.new_zeros(()), linear=linear_loss,
+                     cluster=student), ppap
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The module itself, also where Fabric or DDP wraps it."""
+    return getattr(module, "module", module)
 
 
 def claim_run_dir(run_dir: Path, world: World) -> Optional[FolderLock]:
@@ -294,7 +271,15 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
         log.warning("the validation set %s: its validations compute only the label-free criteria, and the run writes "
                     "label_free.pth and last.pth, without best.pth and final metrics", why)
     sampler = EpochSampler(len(train_set), cfg.dataloader.batch_size, cfg.seed, world.rank, world.size)
-    net, linear, cluster = (fabric.to_device(m) for m in build_model(cfg.model, val_set.n_classes))
+    second_stage = cfg.self_training.checkpoint is not None  # its weights come from a checkpoint, the backbone too
+    net, linear, cluster = build_model(cfg.model, val_set.n_classes, load_backbone=not second_stage)
+    self_training = start_self_training(cfg.self_training, net, linear, cluster, cfg.model, val_set.n_classes,
+                                        cfg.eval.is_direct, resumed=ckpt)
+    if self_training is not None:
+        fabric.to_device(self_training.teacher)
+        if not cfg.self_training.ppap_weight:  # the projection head feeds the PPAP loss only
+            net.project_head.requires_grad_(False)
+    net, linear, cluster = (fabric.to_device(m) for m in (net, linear, cluster))
     run = Run(cfg=cfg, run_dir=run_dir, lock=lock, fabric=fabric, world=world, precision=precision,
               scaler=grad_scaler(device, precision),
               net=net, linear=linear, cluster=cluster, optimizers=build_optimizers(cfg.optimizer, net, linear, cluster),
@@ -304,7 +289,7 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
                                        batch_size=sampler.local_batch_size, sampler=sampler),
               val_loader=make_loader(val_set, cfg.dataloader, cfg.seed, device, batch_size=EVAL_BATCH_SIZE,
                                      sampler=world.share(len(val_set))),
-              n_classes=val_set.n_classes, labelled=labelled,
+              n_classes=val_set.n_classes, labelled=labelled, self_training=self_training,
               data_fingerprint=fingerprint({"train": train_set, "val": val_set}, cfg.dataset.data_path))
     if ckpt is not None:
         _restore(run, ckpt, last_path)
@@ -360,9 +345,10 @@ def train(cfg: Config, run_dir: Path, fabric: Fabric, make_tracker: Callable[[Op
         raise
     journal = Journal(run_dir / LOG_FILE if world.is_main else None, tracker)
     try:
-        for epoch in tqdm(range(run.progress.epoch, cfg.train.epoch), desc="epoch", initial=run.progress.epoch,
-                          total=cfg.train.epoch, disable=None if world.is_main else True):
-            train_one_epoch(run, epoch, journal)
+        with run.self_training or contextlib.nullcontext():  # a second stage's CRF pool, closed before evaluating
+            for epoch in tqdm(range(run.progress.epoch, cfg.train.epoch), desc="epoch", initial=run.progress.epoch,
+                              total=cfg.train.epoch, disable=None if world.is_main else True):
+                train_one_epoch(run, epoch, journal)
         journal.draw_curves(run_dir / CURVES_FILE, now=True)  # the whole run, however recently it was drawn
         if not run.labelled:
             _draw_label_free(run)
@@ -400,6 +386,8 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
     n_batches = run.sampler.batches_per_epoch()
     for module in (run.net, run.linear, run.cluster):
         module.train()
+    if run.self_training is not None and start == 0:
+        run.self_training.start_epoch(run.net.module, run.cluster.module)
     timer, seen = time.perf_counter(), 0
     batches = tqdm(run.train_loader, desc=f"epoch {epoch}", initial=start, total=n_batches, leave=False,
                    disable=None if world.is_main else True)
@@ -409,7 +397,8 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
         label = batch["label"].to(device, non_blocking=True)
         with autocast(device, run.precision):
             terms, ppap = forward_losses(run.net, run.linear, run.cluster, run.loss_fn, img, label, run.n_classes,
-                                         world, iteration_stream(run.cfg.seed, progress.iteration), dropout_channels)
+                                         world, iteration_stream(run.cfg.seed, progress.iteration), dropout_channels,
+                                         run.self_training)
         # the losses of the global batch: the same on every process, so all of them stop together if one is not finite
         values = dict(zip(LossTerms._fields, world.sum(torch.stack([t.detach().float() for t in terms])).tolist()))
         _check_finite(values, progress.iteration + 1, epoch, i, run.run_dir / LAST)
@@ -426,6 +415,8 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
             run.scaler.update()  # once per iteration, after all three optimizers
             for optimizer in run.optimizers:
                 optimizer.zero_grad(set_to_none=True)
+            if run.self_training is not None:
+                run.self_training.after_step(run.net.module, run.cluster.module)
         progress.iteration += 1
         progress.batch_in_epoch = i + 1
         seen += img.shape[0] * world.size
@@ -433,7 +424,9 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
         if i % cfg.print_freq == 0:
             journal.train_line({
                 "epoch": epoch, "iter": progress.iteration, "loss": sum(values.values()), **values,
-                "num_pos": float(ppap.num_pos), "num_neg": float(ppap.num_neg),
+                "num_pos": float(ppap.num_pos) if ppap else math.nan,
+                "num_neg": float(ppap.num_neg) if ppap else math.nan,
+                **({"pseudo_kept": run.self_training.kept} if run.self_training is not None else {}),
                 "lr": run.optimizers.net.param_groups[0]["lr"], "grad_norm": grad_norm,
                 "param_norm": _param_norm(run.net), "images_per_s": seen / max(time.perf_counter() - timer, 1e-9)})
             timer, seen = time.perf_counter(), 0
@@ -500,7 +493,8 @@ def _save(run: Run, path: Path, tracker: Tracker, choice: Optional[dict[str, Any
     """A training checkpoint of the run at ``path``; ``choice``: what replaces the progress's keys in it."""
     ckpt = training_checkpoint(run.net, run.linear, run.cluster, run.optimizers._asdict(), run.scaler.state_dict(),
                                run.progress.state_dict(), config_to_dict(run.cfg), tracker.run_id)
-    save_atomically({**ckpt, **(choice or {})}, path)
+    stage = run.self_training.checkpoint_entries() if run.self_training is not None else {}
+    save_atomically({**ckpt, **stage, **(choice or {})}, path)
 
 
 def final_evaluation(cfg: Config, run_dir: Path, fabric: Fabric, precision: str, tracker: Tracker,

@@ -12,17 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.vit import VisionTransformer, vit
+from model.vit import Rope, VisionTransformer, vit
 from model.weights import load_backbone_weights
 from config import ModelConfig
 
 FEATS_DROPOUT = 0.1  # Dropout2d on the frozen features: the released models were trained with it
 
 
+class Frozen(NamedTuple):
+    """What the frozen ViT computes for a batch: the same for every head trained on it."""
+
+    tokens: Tensor  # (B, tokens, C): the input of the ViT's last block, which the decoder takes instead
+    rope: Rope  # the backbone's rotary embedding for this image size (None where the family has none)
+    feats: Tensor  # (B, C, h, w): the final ViT features (patch tokens), before any dropout
+    grid: tuple[int, int]  # (h, w) patches
+
+
 class NetOutput(NamedTuple):
     code: Tensor  # (B, C, h, w): decoder output after the frozen final norm, CLS dropped
     z: Tensor  # (B*h*w, C): L2-normalised projection of the code, rows in (image, row, col) order
     feats: Tensor  # (B, C, h, w): frozen final ViT features after Dropout2d (identity in eval mode)
+    frozen: Frozen  # what the frozen ViT computed: a self-training teacher's head takes it too
 
 
 class PPAPNet(nn.Module):
@@ -55,27 +65,35 @@ class PPAPNet(nn.Module):
         """``dropout_mask``: (B, C) multipliers of the feature channels (0, or 1 / (1 - p) for a kept channel)
         to use in training mode instead of drawing them; the training loop draws them for the global batch, so
         that they do not depend on how the batch is split across processes."""
-        b, _, height, width = img.shape
+        frozen = self.frozen(img)
+        code = self.head(frozen)
+        z = F.normalize(self.project_head(code.permute(0, 2, 3, 1).reshape(-1, code.shape[1])), dim=1)
+        feats = frozen.feats
+        if dropout_mask is not None and self.training and self.drops_features:
+            feats = feats * dropout_mask[:, :, None, None].to(feats.dtype)
+        else:
+            feats = self.dropout(feats)
+        return NetOutput(code=code, z=z, feats=feats, frozen=frozen)
+
+    def frozen(self, img: Tensor) -> Frozen:
+        """The frozen ViT's part of a forward pass: the input of its last block, and its output as the feature map."""
+        height, width = img.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
-        h, w = height // self.patch_size, width // self.patch_size
-        skip = self.model.num_prefix_tokens
         rope = self.model.rope(height, width)
         with torch.no_grad():  # the whole ViT is frozen: keep no activations for the backward pass
             x = self.model.prepare_tokens(img)
             for block in self.model.blocks[:-1]:
                 x = block(x, rope)
             feats = self.model.norm(self.model.blocks[-1](x, rope))
-        # The final norm's parameters are frozen, but gradients flow through it into the decoder.
-        code = self.model.norm(self.decoder(x, rope))
-        code = _tokens_to_map(code, h, w, skip)
-        z = F.normalize(self.project_head(code.permute(0, 2, 3, 1).reshape(b * h * w, -1)), dim=1)
-        feats = _tokens_to_map(feats, h, w, skip)
-        if dropout_mask is not None and self.training and self.drops_features:
-            feats = feats * dropout_mask[:, :, None, None].to(feats.dtype)
-        else:
-            feats = self.dropout(feats)
-        return NetOutput(code=code, z=z, feats=feats)
+        grid = (height // self.patch_size, width // self.patch_size)
+        return Frozen(tokens=x, rope=rope, feats=_tokens_to_map(feats, *grid, self.model.num_prefix_tokens), grid=grid)
+
+    def head(self, frozen: Frozen, decoder: Optional[nn.Module] = None) -> Tensor:
+        """The code (B, C, h, w): ``decoder`` (default this network's; a teacher's copy of it in self-training) on
+        the last block's input, then the frozen final norm, whose parameters are frozen but pass gradients on."""
+        code = self.model.norm((decoder or self.decoder)(frozen.tokens, frozen.rope))
+        return _tokens_to_map(code, *frozen.grid, self.model.num_prefix_tokens)
 
 
 def dropout_mask(n_images: int, channels: int, generator: torch.Generator, p: float = FEATS_DROPOUT) -> Tensor:

@@ -228,6 +228,23 @@ def test_the_refiner_gives_each_image_the_crf_labels_of_each_of_its_maps_in_subm
                 assert torch.equal(each.long()[decided], expected[decided])
 
 
+@pytest.mark.parametrize("backend, workers", [("pydensecrf", 2), ("torch", None)])
+def test_the_refiner_gives_the_crf_probabilities_when_asked(backend, workers):
+    keys, images, maps = refiner_batches(seed=1)[0]
+    with Refiner(backend, workers, output="probs") as refiner:
+        refiner.submit(keys, images, maps)
+        refined = list(refiner.results())
+    assert [key for key, _ in refined] == keys
+    for j, (_, probs) in enumerate(refined):
+        for each, scores in zip(probs, maps):
+            expected = torch.from_numpy(dense_crf(images[j].numpy(), scores[j].numpy()))
+            assert each.shape == expected.shape and each.dtype == torch.float32
+            # the same C++ code on the same inputs, or the same CRF in torch (test_lattice: within 1e-3)
+            torch.testing.assert_close(each, expected, atol=1e-3 if backend == "torch" else 0, rtol=0)
+
+
 def test_the_refiner_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         Refiner("densecrf")
+    with pytest.raises(ValueError, match="output must be one of"):
+        Refiner("torch", output="logits")

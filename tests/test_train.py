@@ -8,7 +8,8 @@ import torch
 import run
 from dataset import EpochSampler
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
-from engine.train import Progress, bilinear_weights, probe_cross_entropy, upsample
+from engine.train import Progress
+from loss.probe import bilinear_weights, probe_cross_entropy, upsample
 from loss import PPAPLoss
 from tests.conftest import ROOT, patch_ppap_loss, tiny_options
 from utils.cli import run_main
@@ -150,10 +151,10 @@ def test_the_deterministic_upsampling_is_bilinear_interpolation(size, out):
 
 
 def test_deterministic_runs_repeat_and_leave_the_setting_as_it_was(tiny_data, tmp_path, monkeypatch):
-    import engine.train
+    import loss.probe
 
     calls = []
-    monkeypatch.setattr(engine.train, "bilinear_weights",
+    monkeypatch.setattr(loss.probe, "bilinear_weights",
                         lambda *a: calls.append(torch.are_deterministic_algorithms_enabled()) or bilinear_weights(*a))
     for name in ("a", "b"):
         assert train(tiny_options(tmp_path / name, tiny_data, deterministic=True)) == 0

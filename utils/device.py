@@ -84,7 +84,7 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     cuDNN's deterministic convolutions and a fixed cuBLAS workspace, so that a GPU run repeats bit for bit where
     PyTorch allows; the previous settings come back afterwards. An operation without a deterministic kernel warns
     once (by name) and runs anyway rather than stopping a long run (``warn_only``); the training step avoids the one
-    it would meet (``engine.train.upsample``).
+    it would meet (``loss.probe.upsample``).
 
     Enter before the first CUDA operation of the process (cuBLAS reads its workspace setting when it starts)."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),

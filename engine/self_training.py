@@ -1,0 +1,170 @@
+"""The second stage: a student trained on the cluster maps of a teacher (docs/self_training.md).
+
+With ``self_training.checkpoint`` set, a run's network and probes start from that first-stage checkpoint: they are the
+student. The teacher is a copy of the network's decoder and of the cluster probe; the frozen ViT is the student's (the
+weights are the same), so the teacher's head runs on the frozen tokens of the student's own forward pass and costs one
+transformer block. For each training image it gives a cluster map at the training resolution: the nearest centroid
+by the cosine similarities of the patches' codes to the centroids, upsampled bilinearly to the image size (the
+evaluation upsamples the code and then takes the similarities, which agrees but near patch borders and costs the
+code's width in memory per pixel: docs/self_training.md says how often they agree):
+- ``tta``: the code averaged with the mirrored code of the mirrored image (one more pass of the frozen ViT);
+- ``crf``: refined by the dense CRF of that backend, from log-softmax(2 x the similarities), as evaluations refine;
+- each pixel's confidence is the probability of its cluster: softmax(similarities / ``temperature``), or with the
+  CRF the CRF's marginal; pixels below ``confidence`` are ignored.
+The student learns the map by cross-entropy (``loss.probe_cross_entropy``) on its cluster probe's similarities /
+``temperature`` on the patch grid, upsampled as the linear probe's logits are; the gradient reaches the centroids and
+the decoder. ``ppap_weight`` adds the PPAP loss; at 0 the projection head, which only feeds that loss, is not trained.
+The linear probe learns on the labels as in the first stage: it measures. The labels reach neither the teacher nor
+the student's network and cluster probe.
+
+The teacher (``teacher``): "ema" follows the student, teacher = decay x teacher + (1 - decay) x student after every
+optimizer step (PriMaPs-EM's momentum prototypes, here the decoder too); "fixed" stays the first stage; "epoch" is
+renewed as a copy of the student at the start of every epoch. The maps are computed on the fly, so nothing is written
+to disk and a random crop gets the map of what the student sees. Checkpoints hold the teacher
+(``teacher_state_dict``) and record the stage and the teacher's checkpoint (``self_training``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from config import SelfTrainingConfig
+from crf.refiner import Refiner
+from dataset.classes import IGNORE
+from dataset.image import denormalize_batch
+from engine.checkpoint import check_fits, load_checkpoint, load_networks
+from engine.evaluate import CRF_CLUSTER_ALPHA, checkpoint_sha256
+from loss import probe_cross_entropy
+from model.ppap import ClusterProbe, Frozen, NetOutput, PPAPNet
+from utils.distributed import ONE_PROCESS, World
+from utils.errors import UserError
+
+TEACHER_KEY, RECORD_KEY = "teacher_state_dict", "self_training"  # what a second stage's checkpoints add
+
+
+class Teacher(nn.Module):
+    """The teacher's own parts: a copy of the network's decoder and of the cluster probe, never trained by a
+    gradient."""
+
+    def __init__(self, net: PPAPNet, cluster: ClusterProbe) -> None:
+        super().__init__()
+        self.decoder = copy.deepcopy(net.decoder).requires_grad_(False)
+        self.cluster = copy.deepcopy(cluster).requires_grad_(False)
+
+    @torch.no_grad()
+    def follow(self, net: PPAPNet, cluster: ClusterProbe, decay: float) -> None:
+        """teacher = decay x teacher + (1 - decay) x student, parameter by parameter; decay 0 copies the student."""
+        for mine, theirs in zip(self.parameters(), [*net.decoder.parameters(), *cluster.parameters()], strict=True):
+            if decay == 0.0:
+                mine.copy_(theirs)
+            else:
+                mine.lerp_(theirs.to(mine.dtype), 1.0 - decay)
+
+
+class PseudoLabels(NamedTuple):
+    labels: Tensor  # B x H x W cluster ids at the image size; IGNORE where the teacher is not confident
+    confidence: Tensor  # B x H x W: the teacher's probability of the pixel's cluster
+
+
+@torch.no_grad()
+def teacher_similarities(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tta: bool = False,
+                         is_direct: bool = False) -> Tensor:
+    """B x K x H x W: the cosine similarity of each patch's teacher code to each of the teacher's centroids, upsampled
+    bilinearly to the image size of ``img`` (as the student's logits are); ``tta``: of the code averaged with the
+    mirrored code of the mirrored image."""
+    code = net.head(frozen, teacher.decoder)
+    if tta:
+        code = (code + net.head(net.frozen(img.flip(-1)), teacher.decoder).flip(-1)) / 2
+    inner = teacher.cluster(code, is_direct=is_direct).inner
+    return F.interpolate(inner, img.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def confident(probs: Tensor, threshold: float) -> PseudoLabels:
+    """The most probable cluster of each pixel of B x K x H x W ``probs``; IGNORE where its probability is below
+    ``threshold``."""
+    confidence, labels = probs.max(1)
+    return PseudoLabels(labels.masked_fill(confidence < threshold, IGNORE), confidence)
+
+
+class SelfTraining:
+    """A second stage's teacher, its pseudo-labels and the student's loss; a context manager (the CRF's pool)."""
+
+    def __init__(self, cfg: SelfTrainingConfig, teacher: Teacher, record: dict[str, Any], is_direct: bool) -> None:
+        self.cfg, self.teacher, self.record, self.is_direct = cfg, teacher, record, is_direct
+        self.refiner = Refiner(cfg.crf, cfg.crf_workers, output="probs") if cfg.crf else None
+        self.kept = math.nan  # the fraction of the last global batch's pixels the confidence kept
+
+    def __enter__(self) -> SelfTraining:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.refiner is not None:
+            self.refiner.__exit__(*exc)
+
+    @torch.no_grad()
+    def pseudo_labels(self, net: PPAPNet, frozen: Frozen, img: Tensor) -> PseudoLabels:
+        """The teacher's cluster maps of ``img`` (whose frozen ViT pass is ``frozen``)."""
+        inner = teacher_similarities(net, self.teacher, frozen, img, self.cfg.tta, self.is_direct).float()
+        if self.refiner is None:
+            return confident(F.softmax(inner / self.cfg.temperature, dim=1), self.cfg.confidence)
+        self.refiner.submit(range(img.shape[0]), denormalize_batch(img), [F.log_softmax(CRF_CLUSTER_ALPHA * inner, 1)])
+        probs = torch.stack([maps[0] for _, maps in self.refiner.results()])
+        return confident(probs, self.cfg.confidence)
+
+    def loss(self, net: PPAPNet, out: NetOutput, img: Tensor, cluster: nn.Module, world: World = ONE_PROCESS) -> Tensor:
+        """The student's cross-entropy on the teacher's maps of ``img`` (``out``: the student's forward pass of it;
+        ``cluster``: the student's cluster probe, as training calls it); this process's part of the global batch's
+        loss."""
+        pseudo = self.pseudo_labels(net, out.frozen, img)
+        kept = world.sum(torch.stack([(pseudo.labels != IGNORE).sum(), torch.tensor(pseudo.labels.numel())
+                                      .to(pseudo.labels.device)]).double())
+        self.kept = float(kept[0] / kept[1])
+        logits = cluster(out.code, is_direct=self.is_direct).inner / self.cfg.temperature
+        return probe_cross_entropy(logits, pseudo.labels, logits.shape[1], world)
+
+    def start_epoch(self, net: PPAPNet, cluster: ClusterProbe) -> None:
+        """Teacher "epoch": renewed as a copy of the student at the start of an epoch."""
+        if self.cfg.teacher == "epoch":
+            self.teacher.follow(net, cluster, 0.0)
+
+    def after_step(self, net: PPAPNet, cluster: ClusterProbe) -> None:
+        """Teacher "ema": one step of the moving average, after the student's optimizer step."""
+        if self.cfg.teacher == "ema":
+            self.teacher.follow(net, cluster, self.cfg.ema_decay)
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """What a second stage's checkpoints hold beside the first stage's keys."""
+        return {TEACHER_KEY: {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+                RECORD_KEY: self.record}
+
+
+def start_self_training(cfg: SelfTrainingConfig, net: PPAPNet, linear: nn.Module, cluster: ClusterProbe,
+                        model_cfg: Any, n_classes: int, is_direct: bool,
+                        resumed: Optional[dict[str, Any]] = None) -> Optional[SelfTraining]:
+    """None without ``cfg.checkpoint``. A new second stage loads the first stage's checkpoint into ``net``,
+    ``linear`` and ``cluster`` (the student) and copies the teacher from them; a resumed one (``resumed``: its
+    last.pth) takes the teacher and the record from that file, not from the first stage's (which may have moved)."""
+    if cfg.checkpoint is None:
+        return None
+    if resumed is not None:
+        teacher = Teacher(net, cluster)
+        teacher.load_state_dict(resumed[TEACHER_KEY])
+        return SelfTraining(cfg, teacher, resumed[RECORD_KEY], is_direct)
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise UserError(f"self_training.checkpoint: {path} not found; name the first stage's checkpoint (a run's "
+                        f"label_free.pth, last.pth or best.pth, or a released checkpoint)")
+    source = f"self_training.checkpoint {path}"
+    first = load_checkpoint(path)
+    check_fits(first, model_cfg, n_classes, source)
+    load_networks(first, net, linear, cluster, source)
+    stage = int(first.get(RECORD_KEY, {}).get("stage", 1)) + 1
+    record = {"stage": stage, "teacher": {"checkpoint": str(path.resolve()), "sha256": checkpoint_sha256(path),
+                                          "iter": first.get("iter")}}
+    return SelfTraining(cfg, Teacher(net, cluster), record, is_direct)
