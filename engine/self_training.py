@@ -5,7 +5,7 @@ student. The teacher is a copy of the network's decoder and of the cluster probe
 weights are the same), so the teacher's head runs on the frozen tokens of the student's own forward pass and costs one
 transformer block. For each training image it gives a cluster map at the training resolution: the nearest centroid
 by the cosine similarities of the patches' codes to the centroids, upsampled bilinearly to the image size (the
-evaluation upsamples the code and then takes the similarities, which agrees but near patch borders and costs the
+evaluation upsamples the code and then takes the similarities, which agrees except near patch borders and costs the
 code's width in memory per pixel: docs/self_training.md says how often they agree):
 - ``tta``: the code averaged with the mirrored code of the mirrored image (one more pass of the frozen ViT);
 - ``crf``: refined by the dense CRF of that backend, from log-softmax(2 x the similarities), as evaluations refine;
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from config import SelfTrainingConfig
+from config import ModelConfig, SelfTrainingConfig
 from crf.refiner import Refiner
 from dataset.classes import IGNORE
 from dataset.image import denormalize_batch
@@ -145,7 +145,7 @@ class SelfTraining:
 
 
 def start_self_training(cfg: SelfTrainingConfig, net: PPAPNet, linear: nn.Module, cluster: ClusterProbe,
-                        model_cfg: Any, n_classes: int, is_direct: bool,
+                        model_cfg: ModelConfig, n_classes: int, is_direct: bool,
                         resumed: Optional[dict[str, Any]] = None) -> Optional[SelfTraining]:
     """None without ``cfg.checkpoint``. A new second stage loads the first stage's checkpoint into ``net``,
     ``linear`` and ``cluster`` (the student) and copies the teacher from them; a resumed one (``resumed``: its

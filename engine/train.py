@@ -38,7 +38,7 @@ from engine.rundir import (BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, DATA_FIL
                            LOG_FILE, METRIC_NAMES, own_folder)
 from loss import PPAPLoss, PPAPResult, probe_cross_entropy
 from model import build_model, dropout_mask
-from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_to_dict, option_keys
+from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_from_dict, config_to_dict, option_keys
 from utils.device import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, DataError, UserError
@@ -252,7 +252,7 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     ckpt = load_checkpoint(last_path) if resume else None
     if ckpt is not None:
         require_training_state(ckpt, str(last_path))
-        changed = [k for k in config_differences(ckpt["config"], config)
+        changed = [k for k in config_differences(_with_defaults(ckpt["config"], str(last_path)), config)
                    if not any(k == allowed or k.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
         if changed:
             raise ConfigError(f"--resume: the options differ from the run in {last_path} in {', '.join(changed)}; "
@@ -294,6 +294,15 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     if ckpt is not None:
         _restore(run, ckpt, last_path)
     return run
+
+
+def _with_defaults(saved: dict[str, Any], source: str) -> dict[str, Any]:
+    """A checkpoint's options with the defaults of the options added since it was written (a run of an earlier
+    version resumes unless an option it had changed); as they are where they no longer load."""
+    try:
+        return config_to_dict(config_from_dict(saved, source=source))
+    except ConfigError:
+        return saved
 
 
 def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> None:

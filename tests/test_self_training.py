@@ -309,3 +309,14 @@ def test_a_teacher_of_other_classes_is_refused(finished_run, tmp_path, capsys):
     options.write_text(json.dumps(raw))
     assert train(options) == 2
     assert "the checkpoint has 3 cluster centroids" in capsys.readouterr().err
+
+
+def test_a_run_of_an_earlier_version_without_these_options_resumes(finished_run, tmp_path):
+    options = finished_run.copy(tmp_path)
+    last = tmp_path / "output" / "tiny" / "last.pth"
+    ckpt = load_checkpoint(last)
+    del ckpt["config"]["self_training"]  # written before the second stage (and label_free.pth) existed
+    del ckpt["config"]["train"]["label_free_criterion"]
+    torch.save(ckpt, last)
+    assert train(options, "--resume", "train.epoch=2") == 0
+    assert load_checkpoint(last)["iter"] == 8
