@@ -218,19 +218,19 @@ def potsdamraw_samples(root: Path) -> list[Sample]:
 def directory_samples(root: Path, mode: str) -> list[Sample]:
     """Your own images: imgs/{split}/*, labels (optional) labels/{split}/NAME.png paired by file stem."""
     image_dir = root / "imgs" / mode
+    layout = DIRECTORY_TEST_LAYOUT if mode == TEST else DIRECTORY_LAYOUT
     for folder in (root, root / "imgs", image_dir):
-        _require_dir(folder, DIRECTORY_LAYOUT)
+        _require_dir(folder, layout)
     images = _entries(image_dir)
     if not images:
-        raise DataError(f"{image_dir} holds no images; expected {DIRECTORY_LAYOUT}")
+        raise DataError(f"{image_dir} holds no images; expected {layout}")
     stems = _stems(image_dir, images, IMAGE_EXTENSIONS)
     if not (root / "labels").exists():
         return [Sample(image_dir / n, None) for n in images]
     label_dir = root / "labels" / mode
-    _require_dir(label_dir, DIRECTORY_LAYOUT + f" ({root / 'labels'} exists, so every split needs its labels)")
+    _require_dir(label_dir, layout + f" ({root / 'labels'} exists, so every split needs its labels)")
     label_stems = _stems(label_dir, _entries(label_dir), (".png",))
-    _check_orphans(image_dir, label_dir, list(stems), list(label_stems), "", ".png", DIRECTORY_LAYOUT,
-                   image_names=stems)
+    _check_orphans(image_dir, label_dir, list(stems), list(label_stems), "", ".png", layout, image_names=stems)
     return [Sample(image_dir / stems[s], label_dir / label_stems[s]) for s in stems]
 
 

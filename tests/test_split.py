@@ -96,6 +96,17 @@ def test_a_labelled_set_without_labels_test_is_refused(checkpoint, split_data, t
     assert f"{data / 'labels' / 'test'} not found" in _refusal(capsys)
 
 
+def test_an_empty_imgs_test_is_refused_with_the_test_layout(checkpoint, split_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(split_data, data)
+    for path in (data / "imgs" / "test").iterdir():
+        path.unlink()
+    assert _eval(checkpoint, tmp_path / "out", "eval.split=test", f"dataset.data_path={data}") == 2
+    line = _refusal(capsys)
+    assert f"{data / 'imgs' / 'test'} holds no images; expected data_path/imgs/test/NAME.jpg" in line
+    assert "{train,val}" not in line
+
+
 def test_the_demo_set_has_no_test_split(checkpoint, tmp_path, capsys):
     demo = tmp_path / "demo"
     assert _eval(checkpoint, tmp_path / "out", "eval.split=test", "dataset.data_type=demo",
