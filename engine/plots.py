@@ -84,8 +84,12 @@ def save_segmentation_grid(path: Union[str, Path], rows: Sequence[Mapping[str, n
 
 CURVE_PANELS = (  # (title, [(log.jsonl key, record type, label)]) of curves.png
     ("loss", [("loss", "train", "total"), ("ppap", "train", "PPAP")]),
-    ("probe losses", [("linear", "train", "linear probe"), ("cluster", "train", "cluster probe")]),
-    ("per anchor", [("num_pos", "train", "positives"), ("num_neg", "train", "confident negatives")]),
+    ("probe losses", [("linear", "train", "linear probe"),
+                      ("cluster", "train", "cluster probe (second stage: its cross-entropy)")]),
+    # the first stage mines per anchor; a second stage mines nothing (without ppap_weight) and has pseudo-labels
+    ("per anchor (first stage), pseudo-labels (second)", [("num_pos", "train", "positives"),
+                                                          ("num_neg", "train", "confident negatives"),
+                                                          ("pseudo_kept", "train", "fraction of pixels kept")]),
     ("network learning rate", [("lr", "train", "lr")]),
     ("gradient norm (before clipping)", [("grad_norm", "train", "grad norm")]),
     ("validation (%)", [("Cluster_mIoU", "val", "Cluster mIoU"), ("Cluster_Accuracy", "val", "Cluster Acc"),
