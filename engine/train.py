@@ -201,7 +201,7 @@ def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_f
     weight = self_training.cfg.ppap_weight
     ppap = loss_fn(out.z, out.feats, world=world, generator=stream) if weight else None
     student = self_training.loss(_plain(net), out, img, cluster, world)
-    return LossTerms(ppap=ppap.loss * weight if ppap else student.new_zeros(()), linear=linear_loss,
+    return LossTerms(ppap=ppap.loss * weight if ppap is not None else student.new_zeros(()), linear=linear_loss,
                      cluster=student), ppap
 
 
@@ -433,8 +433,8 @@ def train_one_epoch(run: Run, epoch: int, journal: Journal) -> None:
         if i % cfg.print_freq == 0:
             journal.train_line({
                 "epoch": epoch, "iter": progress.iteration, "loss": sum(values.values()), **values,
-                "num_pos": float(ppap.num_pos) if ppap else math.nan,
-                "num_neg": float(ppap.num_neg) if ppap else math.nan,
+                "num_pos": float(ppap.num_pos) if ppap is not None else math.nan,
+                "num_neg": float(ppap.num_neg) if ppap is not None else math.nan,
                 **({"pseudo_kept": run.self_training.kept} if run.self_training is not None else {}),
                 "lr": run.optimizers.net.param_groups[0]["lr"], "grad_norm": grad_norm,
                 "param_norm": _param_norm(run.net), "images_per_s": seen / max(time.perf_counter() - timer, 1e-9)})
