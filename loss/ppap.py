@@ -25,9 +25,12 @@ because its positives are in it (the original could produce NaN gradients there)
 statistics leaves the anchor's own row out, like the denominator.
 
 Performance: the original materialised an (anchors x N x C) tensor to average the positives; here that mean is a
-matrix product. Mining runs without autograd, and the contrastive term is a custom autograd function that
-recomputes its (anchors x N) logits chunk by chunk in the backward pass, so peak memory is bounded by
-``chunk_elements`` instead of growing with the number of anchors.
+matrix product. Mining and the contrastive term are one custom autograd function that works on chunks of anchors
+(``chunk_elements`` anchors x rows at a time) and keeps, between the passes, only what is linear in N or in the
+anchors: each anchor's final proxy, its Phi and Psi and its logsumexp. The backward pass recomputes a chunk's
+similarities to the proxies, with the forward's chunk shapes (so bit for bit the forward's values and decisions),
+and its logits. No (anchors x N) tensor outlives its chunk: peak memory is bounded by ``chunk_elements`` whatever
+the batch and the number of processes.
 """
 from __future__ import annotations
 
@@ -55,85 +58,129 @@ class Mining(NamedTuple):
     neg: Tensor  # (A, N) bool: confident negatives (s < Psi), own row excluded
     phi: Tensor  # (A,) final positiveness boundary
     psi: Tensor  # (A,) final ambiguity boundary
+    proxy: Tensor  # (A, C) final proxy (the anchor's own row when prop_iter is 0); s = proxy . f^T
+
+
+def _similarities(proxy: Tensor, feats: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``proxy . feats^T``: the one product every decision of the mining is read from.
+
+    The loss recomputes it in its backward pass on the same chunk (same shapes, same call), which gives the
+    forward's values bit for bit, so that every positive and negative is decided the same way twice.
+    """
+    if out is None:
+        out = proxy.new_empty(proxy.shape[0], feats.shape[0])
+    return torch.matmul(proxy, feats.T, out=out)
+
+
+def _propagate(anchor: Tensor, feats: Tensor, coeff: TrainingCoeff) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of anchors (rows of ``feats``): ``(s, proxy, phi, psi)`` after ``prop_iter`` steps."""
+    s = _similarities(anchor, feats)
+    phi = torch.full((anchor.shape[0],), coeff.initialcrit_pos, dtype=feats.dtype, device=feats.device)
+    psi = torch.full_like(phi, coeff.initialcrit_amb)
+    pos = s > phi[:, None]
+    proxy = anchor
+    for _ in range(coeff.prop_iter):
+        previous = proxy
+        proxy = F.normalize(pos.to(feats.dtype) @ feats, dim=1)  # mean of the positives, renormalised
+        _similarities(proxy, feats, out=s)  # the similarities to the new proxy, in the same buffer
+        moved = 1.0 - F.cosine_similarity(previous, proxy, dim=1)
+        psi = psi + moved / coeff.sigma_amb
+        phi = phi - moved / coeff.sigma_pos
+        torch.gt(s, phi[:, None], out=pos)
+    return s, proxy, phi, psi
+
+
+def _decide(s: Tensor, phi: Tensor, psi: Tensor, own_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Positives ``s > phi`` and confident negatives ``s < psi`` of a chunk; the anchor's own row is neither."""
+    pos = s > phi[:, None]
+    neg = s < psi[:, None]
+    own = (torch.arange(s.shape[0], device=s.device), own_rows)
+    pos[own] = False
+    neg[own] = False
+    return pos, neg
 
 
 @torch.no_grad()
 def mine(feats: Tensor, anchor_rows: Tensor, coeff: TrainingCoeff, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Mining:
-    """Positives and confident negatives of each anchor row of ``feats`` (N, C), unit rows."""
+    """Positives and confident negatives of each anchor row of ``feats`` (N, C), unit rows, as full masks.
+
+    For inspection and tests: the loss decides the same way, chunk by chunk, without keeping the masks.
+    """
     n = feats.shape[0]
     a = anchor_rows.shape[0]
     pos = torch.empty(a, n, dtype=torch.bool, device=feats.device)
     neg = torch.empty_like(pos)
     phi = torch.empty(a, dtype=feats.dtype, device=feats.device)
     psi = torch.empty_like(phi)
-    for rows in _chunks(anchor_rows, n, chunk_elements):
-        sl = slice(rows.start, rows.stop)
-        anchor = feats[anchor_rows[sl]]
-        s = anchor @ feats.T
-        c_phi = torch.full((anchor.shape[0],), coeff.initialcrit_pos, dtype=feats.dtype, device=feats.device)
-        c_psi = torch.full_like(c_phi, coeff.initialcrit_amb)
-        c_pos = s > c_phi[:, None]
-        previous = anchor
-        for _ in range(coeff.prop_iter):
-            proxy = F.normalize(c_pos.to(feats.dtype) @ feats, dim=1)  # mean of the positives, renormalised
-            torch.matmul(proxy, feats.T, out=s)  # the similarities to the new proxy, in the same buffer
-            moved = 1.0 - F.cosine_similarity(previous, proxy, dim=1)
-            c_psi = c_psi + moved / coeff.sigma_amb
-            c_phi = c_phi - moved / coeff.sigma_pos
-            torch.gt(s, c_phi[:, None], out=c_pos)
-            previous = proxy
-        c_neg = s < c_psi[:, None]
-        own = (torch.arange(anchor.shape[0], device=feats.device), anchor_rows[sl])
-        c_pos[own] = False
-        c_neg[own] = False
-        pos[sl], neg[sl], phi[sl], psi[sl] = c_pos, c_neg, c_phi, c_psi
-    return Mining(pos=pos, neg=neg, phi=phi, psi=psi)
+    proxy = torch.empty(a, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    for sl in _chunks(a, n, chunk_elements):
+        s, proxy[sl], phi[sl], psi[sl] = _propagate(feats[anchor_rows[sl]], feats, coeff)
+        pos[sl], neg[sl] = _decide(s, phi[sl], psi[sl], anchor_rows[sl])
+    return Mining(pos=pos, neg=neg, phi=phi, psi=psi, proxy=proxy)
 
 
-def _chunks(anchor_rows: Tensor, n: int, chunk_elements: int) -> list[range]:
+def _chunks(anchors: int, n: int, chunk_elements: int) -> list[slice]:
     step = max(1, chunk_elements // max(n, 1))
-    return [range(i, min(i + step, anchor_rows.shape[0])) for i in range(0, anchor_rows.shape[0], step)]
+    return [slice(i, min(i + step, anchors)) for i in range(0, anchors, step)]
 
 
-class _MeanPositiveLogProb(torch.autograd.Function):
-    """Per anchor: mean over positives of ``l - logsumexp(l over positives and negatives)``, ``l = z_a . z / tau``.
+class _ProxyAnchorLogProb(torch.autograd.Function):
+    """Mines each anchor and returns, per anchor, the mean over its positives of
+    ``l - logsumexp(l over positives and confident negatives)``, ``l = z_a . z / tau`` (0 for an anchor without a
+    positive), with whether it has a positive and its positive and negative counts.
 
-    Only ``z`` receives a gradient. The (anchors x N) logits are never kept: backward recomputes them per chunk,
-    and both passes work in place, so that a chunk needs about two (anchors x N) buffers at a time.
+    Only ``z`` receives a gradient. Between the passes it keeps what is linear in N or in the anchors: ``z``, the
+    features, each anchor's final proxy, its two boundaries and its logsumexp. The backward pass recomputes, chunk
+    by chunk with the forward's chunks, the similarities to the proxy (bit for bit the forward's, hence the same
+    positives and negatives) and the logits, so that no (anchors x N) tensor outlives its chunk.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, anchor_rows: Tensor, pos: Tensor, neg: Tensor, tau: float, chunk_elements: int) -> Tensor:
-        out = z.new_empty(anchor_rows.shape[0])
-        lse = z.new_empty(anchor_rows.shape[0])
-        for rows in _chunks(anchor_rows, z.shape[0], chunk_elements):
-            sl = slice(rows.start, rows.stop)
-            logits = z[anchor_rows[sl]] @ z.T
-            logits.div_(tau)
-            mean_pos = (logits * pos[sl]).sum(1) / pos[sl].sum(1)
-            logits.masked_fill_(~(pos[sl] | neg[sl]), float("-inf"))  # only positives and negatives are counted
-            lse[sl] = logits.logsumexp(dim=1)
-            out[sl] = mean_pos - lse[sl]
-        ctx.save_for_backward(z, anchor_rows, pos, neg, lse)
-        ctx.tau, ctx.chunk_elements = tau, chunk_elements
-        return out
+    def forward(ctx, z: Tensor, feats: Tensor, anchor_rows: Tensor, coeff: TrainingCoeff, chunk_elements: int):
+        a, n = anchor_rows.shape[0], z.shape[0]
+        out, lse = z.new_zeros(a), z.new_zeros(a)
+        counts = torch.zeros(2, a, dtype=torch.long, device=z.device)  # positives, confident negatives
+        phi, psi = feats.new_empty(a), feats.new_empty(a)
+        proxy = feats.new_empty(a, feats.shape[1])
+        for sl in _chunks(a, n, chunk_elements):
+            rows = anchor_rows[sl]
+            s, proxy[sl], phi[sl], psi[sl] = _propagate(feats[rows], feats, coeff)
+            pos, neg = _decide(s, phi[sl], psi[sl], rows)
+            del s
+            n_pos = pos.sum(1)
+            counts[0, sl], counts[1, sl] = n_pos, neg.sum(1)
+            logits = z[rows] @ z.T
+            logits.div_(coeff.tau)
+            mean_pos = (logits * pos).sum(1) / n_pos.clamp(min=1)
+            logits.masked_fill_(~(pos | neg), float("-inf"))  # only positives and negatives are counted
+            chunk_lse = logits.logsumexp(dim=1)
+            lse[sl] = chunk_lse.masked_fill(n_pos == 0, 0.0)  # an anchor without a positive counts for nothing
+            out[sl] = torch.where(n_pos > 0, mean_pos - chunk_lse, 0.0)
+        valid = counts[0] > 0
+        ctx.save_for_backward(z, feats, anchor_rows, proxy, phi, psi, lse, counts[0])
+        ctx.tau, ctx.chunk_elements = coeff.tau, chunk_elements
+        ctx.mark_non_differentiable(valid, counts)
+        return out, valid, counts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        z, anchor_rows, pos, neg, lse = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor, _grad_valid: None, _grad_counts: None):
+        z, feats, anchor_rows, proxy, phi, psi, lse, n_pos = ctx.saved_tensors
         grad_z = torch.zeros_like(z)
-        for rows in _chunks(anchor_rows, z.shape[0], ctx.chunk_elements):
-            sl = slice(rows.start, rows.stop)
-            anchors = z[anchor_rows[sl]]
+        weight = torch.where(n_pos > 0, grad_out / ctx.tau, 0.0)  # anchors without a positive add nothing
+        for sl in _chunks(anchor_rows.shape[0], z.shape[0], ctx.chunk_elements):
+            rows = anchor_rows[sl]
+            # a fresh copy, as the forward's proxy was: a BLAS may take another path for memory aligned otherwise
+            pos, neg = _decide(_similarities(proxy[sl].clone(), feats), phi[sl], psi[sl], rows)
+            anchors = z[rows]
             g = anchors @ z.T
-            g.div_(ctx.tau).masked_fill_(~(pos[sl] | neg[sl]), float("-inf"))
+            g.div_(ctx.tau).masked_fill_(~(pos | neg), float("-inf"))
             g.sub_(lse[sl, None]).exp_().neg_()  # minus the softmax over the denominator
             # d out / d logits = positives / their count - softmax; d logits / d(z_a . z_j) = 1 / tau
-            g.addcmul_(pos[sl], 1.0 / pos[sl].sum(1, keepdim=True)).mul_(grad_out[sl, None] / ctx.tau)
+            g.addcmul_(pos, 1.0 / n_pos[sl, None].clamp(min=1)).mul_(weight[sl, None])
             grad_z.addmm_(g.T, anchors)
-            grad_z.index_add_(0, anchor_rows[sl], g @ z)
-        return grad_z, None, None, None, None, None
+            grad_z.index_add_(0, rows, g @ z)
+        return grad_z, None, None, None, None
 
 
 class PPAPLoss(nn.Module):
@@ -196,17 +243,14 @@ class PPAPLoss(nn.Module):
             mine_blocks = world.share(blocks)  # the blocks whose anchors this process computes
             offsets = torch.arange(mine_blocks.start, mine_blocks.stop, device=anchors.device)[:, None] * size
             anchor_rows = (anchors[mine_blocks.start:mine_blocks.stop] + offsets).reshape(-1).to(z.device)
-            mined = mine(f, anchor_rows, cfg, self.chunk_elements)
-            valid = mined.pos.any(dim=1)
-            log_prob = _MeanPositiveLogProb.apply(z, anchor_rows[valid], mined.pos[valid], mined.neg[valid],
-                                                  cfg.tau, self.chunk_elements)
-            per_anchor = -(cfg.tau / cfg.base_tau) * log_prob
+            log_prob, valid, mined = _ProxyAnchorLogProb.apply(z, f, anchor_rows, cfg, self.chunk_elements)
+            per_anchor = -(cfg.tau / cfg.base_tau) * log_prob[valid]
             block_of = torch.arange(len(mine_blocks), device=z.device).repeat_interleave(anchors.shape[1])[valid]
             sums = z.new_zeros(len(mine_blocks)).index_add(0, block_of, per_anchor)
             counts = torch.bincount(block_of, minlength=len(mine_blocks))
             used = counts > 0
             # blocks with an anchor that has a positive, positives and confident negatives: over all processes
-            totals = world.sum(torch.stack([used.sum(), mined.pos.sum(), mined.neg.sum()]).double())
+            totals = world.sum(torch.cat([used.sum()[None], mined.sum(1)]).double())
             n_used = int(totals[0])
             loss = (sums[used] / counts[used]).sum() / n_used if n_used else z.sum() * 0.0
             n_anchors = blocks * anchors.shape[1]

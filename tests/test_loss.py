@@ -203,3 +203,128 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype, device):
 def test_wrong_anchor_shape_is_refused():
     with pytest.raises(ValueError, match=r"anchors must be a \(2, K\) tensor"):
         PPAPLoss(TrainingCoeff(split=10))(unit_z(20, 3, 0), torch.randn(20, 3), torch.tensor([[0, 1]]))
+
+
+def _recording_decisions(monkeypatch) -> list:
+    """Every chunk's (similarities, Phi, Psi, positives, negatives) as the loss decides them, forward then
+    backward, in call order."""
+    import loss.ppap
+
+    calls = []
+    decide = loss.ppap._decide
+
+    def recording(s, phi, psi, own_rows):
+        pos, neg = decide(s, phi, psi, own_rows)
+        calls.append((s.clone(), phi.clone(), psi.clone(), pos.clone(), neg.clone()))
+        return pos, neg
+
+    monkeypatch.setattr(loss.ppap, "_decide", recording)
+    return calls
+
+
+def _assert_backward_decided_as_forward(calls: list) -> None:
+    half = len(calls) // 2
+    assert half > 1 and len(calls) == 2 * half
+    for (_, _, _, fwd_pos, fwd_neg), (_, _, _, bwd_pos, bwd_neg) in zip(calls[:half], calls[half:]):
+        assert torch.equal(fwd_pos, bwd_pos) and torch.equal(fwd_neg, bwd_neg)
+
+
+def _with_full_masks(z, feats, anchors, coeff, chunk_elements):
+    """The loss written with the (anchors x N) masks of ``mine`` and autograd: the formulation that keeps them."""
+    n = z.shape[0]
+    blocks, size, _ = PPAPLoss(coeff).geometry(n)
+    rows = (anchors + torch.arange(blocks)[:, None] * size).reshape(-1)
+    mined = mine(F.normalize(feats, dim=1), rows, coeff, chunk_elements)
+    logits = z[rows] @ z.T / coeff.tau
+    log_prob = logits - logits.masked_fill(~(mined.pos | mined.neg), float("-inf")).logsumexp(1, keepdim=True)
+    valid = mined.pos.any(1)
+    per_anchor = -(coeff.tau / coeff.base_tau) * (log_prob * mined.pos).sum(1) / mined.pos.sum(1).clamp(min=1)
+    block_of = torch.arange(blocks).repeat_interleave(anchors.shape[1])
+    used = [per_anchor[(block_of == b) & valid].mean() for b in range(blocks) if (valid & (block_of == b)).any()]
+    return torch.stack(used).mean(), mined
+
+
+@pytest.mark.parametrize("prop_iter", [0, 2])
+def test_backward_decides_every_element_as_the_forward_did(monkeypatch, prop_iter):
+    n = 96
+    feats = clustered(n, 8, clusters=4, noise=0.4, seed=11, dtype=torch.float32)
+    coeff = TrainingCoeff(initialcrit_pos=0.5, initialcrit_amb=0.1, prop_iter=prop_iter, split=48, trainpatchsplit=3)
+    anchors = PPAPLoss(coeff).draw_anchors(n, torch.Generator().manual_seed(3))
+    calls = _recording_decisions(monkeypatch)
+    z = unit_z(n, 6, seed=12).float().detach().requires_grad_()
+    PPAPLoss(coeff, chunk_elements=5 * n)(z, feats, anchors).loss.backward()  # 32 anchors in chunks of 5
+    assert len(calls) == 2 * 7
+    _assert_backward_decided_as_forward(calls)
+
+
+def test_rows_exactly_at_both_boundaries_are_decided_alike_in_both_passes(monkeypatch):
+    # few distinct directions, so that many similarities are equal; Phi and Psi are then set to similarities that
+    # occur in the loss's own chunks (prop_iter 0: the boundaries stay where they are set)
+    n, chunk_elements = 64, 3 * 64
+    g = torch.Generator().manual_seed(5)
+    directions = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.float32)
+    feats = directions[torch.randint(5, (n,), generator=g)]
+    z = unit_z(n, 6, seed=7).float().detach()
+    coeff = TrainingCoeff(prop_iter=0, split=n, trainpatchsplit=4)
+    anchors = PPAPLoss(coeff).draw_anchors(n, torch.Generator().manual_seed(6))
+    calls = _recording_decisions(monkeypatch)
+    PPAPLoss(coeff, chunk_elements)(z, feats, anchors)
+    values = calls[0][0].unique()
+    coeff = TrainingCoeff(initialcrit_pos=float(values[-2]), initialcrit_amb=float(values[1]), prop_iter=0, split=n,
+                          trainpatchsplit=4)  # float32 values, exact as Python floats
+    calls.clear()
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    result = PPAPLoss(coeff, chunk_elements)(z1, feats, anchors)
+    result.loss.backward()
+    forward = calls[:len(calls) // 2]
+    assert any((s == phi[:, None]).any() for s, phi, _, _, _ in forward)  # rows on the positive boundary
+    assert any((s == psi[:, None]).any() for s, _, psi, _, _ in forward)  # and on the ambiguity boundary
+    _assert_backward_decided_as_forward(calls)
+    # and the loss equals the formulation with full masks decided on the same chunks
+    expected, mined = _with_full_masks(z2, feats, anchors, coeff, chunk_elements)
+    expected.backward()
+    assert torch.equal(torch.cat([c[3] for c in forward]), mined.pos)
+    assert torch.equal(torch.cat([c[4] for c in forward]), mined.neg)
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_matches_the_full_mask_formulation_in_fp32_over_many_chunks():
+    n = 200
+    feats = clustered(n, 16, clusters=5, noise=0.5, seed=8, dtype=torch.float32)
+    coeff = TrainingCoeff(initialcrit_pos=0.55, initialcrit_amb=0.2, prop_iter=2, split=50, trainpatchsplit=5)
+    anchors = PPAPLoss(coeff).draw_anchors(n, torch.Generator().manual_seed(9))
+    z1 = unit_z(n, 8, seed=10).float().detach().requires_grad_()
+    z2 = z1.detach().clone().requires_grad_()
+    result = PPAPLoss(coeff, chunk_elements=3 * n)(z1, feats, anchors)
+    expected, mined = _with_full_masks(z2, feats, anchors, coeff, 3 * n)
+    result.loss.backward()
+    expected.backward()
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert result.num_pos.item() == pytest.approx(mined.pos.sum().item() / anchors.numel(), rel=1e-6)
+    assert result.num_neg.item() == pytest.approx(mined.neg.sum().item() / anchors.numel(), rel=1e-6)
+    assert torch.allclose(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
+
+
+def _bytes_kept_for_backward(batch: int) -> int:
+    """Total size of the distinct tensors the loss's graph keeps between its forward and backward passes."""
+    side, coeff = 8, TrainingCoeff(split=64, trainpatchsplit=4)  # 16 anchors per image: anchors grow with N
+    g = torch.Generator().manual_seed(batch)
+    feats = torch.randn(batch, 32, side, side, generator=g)
+    z = F.normalize(torch.randn(batch * side * side, 16, generator=g), dim=1).requires_grad_()
+    kept = {}
+
+    def pack(t: torch.Tensor):
+        kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = PPAPLoss(coeff)(z, feats)
+    assert result.num_pos.item() > 0
+    return sum(kept.values())
+
+
+def test_what_the_loss_keeps_for_its_backward_grows_linearly_with_the_rows():
+    # a mask of the (anchors x N) pairs would grow 16x from 4 to 16 images; what is linear grows 4x
+    small, large = _bytes_kept_for_backward(4), _bytes_kept_for_backward(16)
+    assert 3.5 * small <= large <= 4.5 * small
