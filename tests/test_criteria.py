@@ -191,11 +191,15 @@ def test_label_free_pth_records_its_choice_as_the_log_shows_it(finished_run):
     validations = [json.loads(line) for line in (finished_run.folder / "log.jsonl").read_text().splitlines()
                    if json.loads(line)["type"] == "val"]
     chosen = [r for r in validations if r["label_free"]][-1]
+    from config.schema import TrainConfig
+    from engine.criteria import HIGHER_IS_BETTER
+
     criterion = load_config(finished_run.folder / "config.json").train.label_free_criterion
-    assert choice["criterion"] == "cluster_similarity" == criterion
-    assert (choice["iter"], choice["value"]) == (chosen["iter"], pytest.approx(chosen["cluster_similarity"]))
+    assert choice["criterion"] == criterion == TrainConfig().label_free_criterion  # the default chose
+    assert (choice["iter"], choice["value"]) == (chosen["iter"], pytest.approx(chosen[criterion]))
     assert (ckpt["best_iter"], ckpt["best"]) == (choice["iter"], choice["value"])  # the released keys say it too
-    assert choice["value"] == max(r["cluster_similarity"] for r in validations)
+    defined = [r[criterion] for r in validations if r[criterion] is not None]  # stability: none at the first
+    assert defined and choice["value"] == (max if HIGHER_IS_BETTER[criterion] else min)(defined)
     assert ckpt["iter"] == choice["iter"]
 
 
