@@ -20,6 +20,9 @@ TTA_MODES = ("none", "flip")
 EVAL_SPLITS = ("val", "test")  # eval.split: the split eval.py and a run's final evaluation report on
 # train.label_free_criterion: what chooses label_free.pth at the validations, without labels (engine/criteria.py)
 LABEL_FREE_CRITERIA = ("cluster_similarity", "rankme", "ppap_loss", "stability")
+# options whose default changed, with the defaults they had: a run started under a former default, which its option
+# file did not choose, resumes with it (the value it was started with) instead of being refused
+FORMER_DEFAULTS = {("train", "label_free_criterion"): ("cluster_similarity",)}
 TEACHERS = ("ema", "fixed", "epoch")  # self_training.teacher (engine/self_training.py)
 NONE_WEIGHTS = "none"  # model.pretrained.pretrained_weights value for a randomly initialised backbone
 EVAL_RES = 320  # eval.res: shorter side to 320 and a centre crop of 320 x 320, as STEGO and PPAP evaluate
@@ -235,7 +238,7 @@ class TrainConfig:
     num_accum: int = 1  # gradient accumulation steps
     grad_norm: float = 10.0  # clip the network's gradient norm to this
     gather_feats: str = "fp32"  # ours: the precision of the frozen features the loss gathers from all processes
-    label_free_criterion: str = "cluster_similarity"  # ours: the validation criterion that chooses label_free.pth
+    label_free_criterion: str = "stability"  # ours: the validation criterion that chooses label_free.pth
 
     def __post_init__(self) -> None:
         _require(self.gather_feats in GATHER_PRECISIONS, "gather_feats",

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -38,7 +38,7 @@ from engine.rundir import (BEST, CHECKPOINTS, CONFIG_FILE, CURVES_FILE, DATA_FIL
                            LOG_FILE, METRIC_NAMES, own_folder)
 from loss import PPAPLoss, PPAPResult, probe_cross_entropy
 from model import build_model, dropout_mask
-from config import NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_from_dict, config_to_dict, option_keys
+from config import FORMER_DEFAULTS, NO_EFFECT, Config, OptimConfig, OptimizerConfig, config_from_dict, config_to_dict, option_keys
 from utils.device import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from utils.distributed import ONE_PROCESS, World
 from utils.errors import ConfigError, DataError, UserError
@@ -248,11 +248,12 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool, fabric: Fabric, world: Wo
     if cfg.dataloader.batch_size % world.size:
         raise ConfigError(f"dataloader.batch_size ({cfg.dataloader.batch_size}) is the global batch and must be a "
                           f"multiple of the {world.size} processes, each of which takes an equal part of it")
-    config = config_to_dict(cfg)
     ckpt = load_checkpoint(last_path) if resume else None
     if ckpt is not None:
         require_training_state(ckpt, str(last_path))
-        changed = [k for k in config_differences(_with_defaults(ckpt["config"], str(last_path)), config)
+        saved = _with_defaults(ckpt["config"], str(last_path))
+        cfg = _keep_former_defaults(cfg, saved, world)
+        changed = [k for k in config_differences(saved, config_to_dict(cfg))
                    if not any(k == allowed or k.startswith(allowed) for allowed in RESUMABLE_CHANGES)]
         if changed:
             raise ConfigError(f"--resume: the options differ from the run in {last_path} in {', '.join(changed)}; "
@@ -303,6 +304,19 @@ def _with_defaults(saved: dict[str, Any], source: str) -> dict[str, Any]:
         return config_to_dict(config_from_dict(saved, source=source))
     except ConfigError:
         return saved
+
+
+def _keep_former_defaults(cfg: Config, saved: dict[str, Any], world: World) -> Config:
+    """``cfg`` with the value a resumed run was started with for each option whose default has changed since, where
+    the run had the former default and ``cfg`` has today's (what an option file that does not name it gets)."""
+    for (section, key), former in FORMER_DEFAULTS.items():
+        started, now = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if started in former and now == getattr(type(getattr(cfg, section))(), key) and started != now:
+            cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: started})})
+            if world.is_main:
+                log.info("--resume: %s.%s stays %r, as the run was started (the default is now %r)", section, key,
+                         started, now)
+    return cfg
 
 
 def _restore(run: Run, ckpt: dict[str, Any], path: Path) -> None:

@@ -320,3 +320,22 @@ def test_a_run_of_an_earlier_version_without_these_options_resumes(finished_run,
     torch.save(ckpt, last)
     assert train(options, "--resume", "train.epoch=2") == 0
     assert load_checkpoint(last)["iter"] == 8
+
+
+@pytest.mark.parametrize("started, resumes", [("cluster_similarity", True), ("rankme", False)])
+def test_a_run_started_under_a_former_default_resumes_with_it(finished_run, tmp_path, capsys, caplog, started,
+                                                              resumes):
+    # train.label_free_criterion's default was cluster_similarity; a run started with another value the user chose
+    # (rankme) is still refused when the options now give the default
+    options = finished_run.copy(tmp_path)
+    last = tmp_path / "output" / "tiny" / "last.pth"
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["train"]["label_free_criterion"] = started
+    torch.save(ckpt, last)
+    assert train(options, "--resume", "train.epoch=2") == (0 if resumes else 2)
+    if resumes:
+        assert load_checkpoint(last)["config"]["train"]["label_free_criterion"] == started
+        assert "train.label_free_criterion stays 'cluster_similarity', as the run was started" in caplog.text
+    else:
+        err = capsys.readouterr().err
+        assert "the options differ" in err and "train.label_free_criterion" in err
