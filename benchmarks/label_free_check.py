@@ -11,7 +11,13 @@ of every validation. Then, per head, over the seeds (mean +- std):
 Choosing reads the validation split only; the test split is read only to report. Runs already finished in --out are
 kept (the script continues where it stopped).
 
-    python benchmarks/label_free_check.py --out output/label_free_check            # about 2 hours on 2 CPU cores
+Each finished run is summarised (its validations, picks, correlations and test metrics) in ``{name}.json`` of
+``--records`` (default: ``--out``); a run with a summary there is not trained again, so that the records of runs
+measured elsewhere (benchmarks/records/label_free_check/ holds those the documents report) complete the tables
+without their weights.
+
+    python benchmarks/label_free_check.py --out output/label_free_check            # about 3 hours on 2 CPU cores
+    python benchmarks/label_free_check.py --out output/label_free_check --records benchmarks/records/label_free_check
     python benchmarks/label_free_check.py --out /tmp/quick --epochs 1 --seeds 0    # a quick look
 """
 from __future__ import annotations
@@ -38,6 +44,7 @@ from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.criteria import HIGHER_IS_BETTER  # noqa: E402
 from engine.rundir import CHECKPOINTS, FINAL_METRICS, LAST, LOG_FILE, METRIC_NAMES, SETTINGS, read_log  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from utils.files import write_text_atomically  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ROOT / "json" / "camvid_check.json"
@@ -159,6 +166,13 @@ def tables(results: dict[str, list[dict[str, Any]]]) -> str:
             lines.append(f"| {head} | {criterion} | " + " | ".join(
                 mean_std([r["correlations"][criterion][m] for r in runs]) for m in ("Cluster_mIoU", "Cluster_Accuracy"))
                 + " |")
+    lines += ["", "### The checkpoint each rule picks, on the validation split that chose it, before CRF", "",
+              "| head | rule | iteration | " + " | ".join(METRIC_NAMES) + " |", "|---|---|---|" + "---|" * 4]
+    for head, runs in results.items():
+        for rule in RULES:
+            iterations = ", ".join(str(r["picks"][rule]) for r in runs)
+            lines.append(f"| {head} | {rule} | {iterations} | " + " | ".join(
+                mean_std([_validation(r, r["picks"][rule])[m] for r in runs]) for m in METRIC_NAMES) + " |")
     for setting, label in SETTINGS.items():
         lines += ["", f"### The checkpoint each rule picks, on the test split, {label}", "",
                   "| head | rule | iteration | " + " | ".join(METRIC_NAMES) + " |", "|---|---|---|" + "---|" * 4]
@@ -170,6 +184,21 @@ def tables(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(name: str, seed: int, lr: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One run trained (or kept), its picks evaluated on the test split: its summary."""
+    run_dir = train(name, seed, lr, args)
+    validations = [r for r in read_log(run_dir / LOG_FILE) if r.get("type") == "val"]
+    chosen = picks(validations)
+    label_free = load_checkpoint(run_dir / "label_free.pth")["label_free"]
+    assert chosen[label_free["criterion"]] == label_free["iter"]  # the run chose by the same rule
+    return {"seed": seed, "picks": chosen, "correlations": correlations(validations),
+            "test": {rule: test_metrics(run_dir, chosen[rule]) for rule in RULES}, "validations": validations}
+
+
+def _validation(run: dict[str, Any], iteration: int) -> dict[str, Any]:
+    return next(r for r in run["validations"] if r["iter"] == iteration)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs and the tables")
@@ -177,17 +206,19 @@ def main() -> None:
                         help="a directory-layout set with imgs/test and labels/test")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=23, help="train.epoch (the check's 23: 506 iterations)")
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS))
+    parser.add_argument("--records", type=Path, help="folder of the runs' summaries (default: --out)")
     args = parser.parse_args()
-    results: dict[str, list[dict[str, Any]]] = {head: [] for head in HEADS}
-    for head, lr in HEADS.items():
+    records = args.records or args.out
+    records.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {head: [] for head in args.heads}
+    for head in args.heads:
         for seed in args.seeds:
-            run_dir = train(f"{head}_seed{seed}", seed, lr, args)
-            validations = [r for r in read_log(run_dir / LOG_FILE) if r.get("type") == "val"]
-            chosen = picks(validations)
-            assert chosen[load_checkpoint(run_dir / "label_free.pth")["label_free"]["criterion"]] == \
-                load_checkpoint(run_dir / "label_free.pth")["label_free"]["iter"]  # the run chose by the same rule
-            results[head].append({"seed": seed, "picks": chosen, "correlations": correlations(validations),
-                                  "test": {rule: test_metrics(run_dir, chosen[rule]) for rule in RULES}})
+            name = f"{head}_seed{seed}"
+            summary = records / f"{name}.json"
+            if not summary.is_file():
+                write_text_atomically(summary, json.dumps(measure(name, seed, HEADS[head], args), indent=1) + "\n")
+            results[head].append(json.loads(summary.read_text()))
     text = tables(results)
     (args.out / "label_free_check.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
     (args.out / "label_free_check.md").write_text(text)
