@@ -4,8 +4,7 @@ backbone families' table), ``loader`` (option files, ``base`` files and command-
 from config.families import BACKBONE_WIDTH, BACKBONES, Family, Size
 from config.loader import config_from_dict, config_to_dict, load_config
 from config.schema import (DATA_TYPES, EVAL_RES, EVAL_SPLITS, EVALUATION_INPUT, FORMER_DEFAULTS, GATHER_PRECISIONS,
-                           NO_EFFECT,
-                           NONE_WEIGHTS, TTA_MODES, WANDB_MODES, Config, DataloaderConfig, DatasetConfig, EvalConfig, ModelConfig,
+                           NO_EFFECT, NONE_WEIGHTS, TTA_MODES, WANDB_MODES, Config, DataloaderConfig, DatasetConfig, EvalConfig, ModelConfig,
                            OptimConfig, OptimizerConfig, PretrainedConfig, SelfTrainingConfig, TrainConfig, TrainingCoeff, WandbConfig,
                            option_keys)
 

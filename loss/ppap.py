@@ -58,7 +58,6 @@ class Mining(NamedTuple):
     neg: Tensor  # (A, N) bool: confident negatives (s < Psi), own row excluded
     phi: Tensor  # (A,) final positiveness boundary
     psi: Tensor  # (A,) final ambiguity boundary
-    proxy: Tensor  # (A, C) final proxy (the anchor's own row when prop_iter is 0); s = proxy . f^T
 
 
 def _similarities(proxy: Tensor, feats: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -112,11 +111,10 @@ def mine(feats: Tensor, anchor_rows: Tensor, coeff: TrainingCoeff, chunk_element
     neg = torch.empty_like(pos)
     phi = torch.empty(a, dtype=feats.dtype, device=feats.device)
     psi = torch.empty_like(phi)
-    proxy = torch.empty(a, feats.shape[1], dtype=feats.dtype, device=feats.device)
     for sl in _chunks(a, n, chunk_elements):
-        s, proxy[sl], phi[sl], psi[sl] = _propagate(feats[anchor_rows[sl]], feats, coeff)
+        s, _, phi[sl], psi[sl] = _propagate(feats[anchor_rows[sl]], feats, coeff)
         pos[sl], neg[sl] = _decide(s, phi[sl], psi[sl], anchor_rows[sl])
-    return Mining(pos=pos, neg=neg, phi=phi, psi=psi, proxy=proxy)
+    return Mining(pos=pos, neg=neg, phi=phi, psi=psi)
 
 
 def _chunks(anchors: int, n: int, chunk_elements: int) -> list[slice]:
@@ -127,7 +125,7 @@ def _chunks(anchors: int, n: int, chunk_elements: int) -> list[slice]:
 class _ProxyAnchorLogProb(torch.autograd.Function):
     """Mines each anchor and returns, per anchor, the mean over its positives of
     ``l - logsumexp(l over positives and confident negatives)``, ``l = z_a . z / tau`` (0 for an anchor without a
-    positive), with whether it has a positive and its positive and negative counts.
+    positive), with its positive and negative counts.
 
     Only ``z`` receives a gradient. Between the passes it keeps what is linear in N or in the anchors: ``z``, the
     features, each anchor's final proxy, its two boundaries and its logsumexp. The backward pass recomputes, chunk
@@ -156,15 +154,14 @@ class _ProxyAnchorLogProb(torch.autograd.Function):
             chunk_lse = logits.logsumexp(dim=1)
             lse[sl] = chunk_lse.masked_fill(n_pos == 0, 0.0)  # an anchor without a positive counts for nothing
             out[sl] = torch.where(n_pos > 0, mean_pos - chunk_lse, 0.0)
-        valid = counts[0] > 0
         ctx.save_for_backward(z, feats, anchor_rows, proxy, phi, psi, lse, counts[0])
         ctx.tau, ctx.chunk_elements = coeff.tau, chunk_elements
-        ctx.mark_non_differentiable(valid, counts)
-        return out, valid, counts
+        ctx.mark_non_differentiable(counts)
+        return out, counts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor, _grad_valid: None, _grad_counts: None):
+    def backward(ctx, grad_out: Tensor, _grad_counts: None):
         z, feats, anchor_rows, proxy, phi, psi, lse, n_pos = ctx.saved_tensors
         grad_z = torch.zeros_like(z)
         weight = torch.where(n_pos > 0, grad_out / ctx.tau, 0.0)  # anchors without a positive add nothing
@@ -243,7 +240,8 @@ class PPAPLoss(nn.Module):
             mine_blocks = world.share(blocks)  # the blocks whose anchors this process computes
             offsets = torch.arange(mine_blocks.start, mine_blocks.stop, device=anchors.device)[:, None] * size
             anchor_rows = (anchors[mine_blocks.start:mine_blocks.stop] + offsets).reshape(-1).to(z.device)
-            log_prob, valid, mined = _ProxyAnchorLogProb.apply(z, f, anchor_rows, cfg, self.chunk_elements)
+            log_prob, mined = _ProxyAnchorLogProb.apply(z, f, anchor_rows, cfg, self.chunk_elements)
+            valid = mined[0] > 0  # the anchors that have a positive
             per_anchor = -(cfg.tau / cfg.base_tau) * log_prob[valid]
             block_of = torch.arange(len(mine_blocks), device=z.device).repeat_interleave(anchors.shape[1])[valid]
             sums = z.new_zeros(len(mine_blocks)).index_add(0, block_of, per_anchor)
