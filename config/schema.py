@@ -293,6 +293,7 @@ class SelfTrainingConfig:
     crf_workers: Optional[int] = no_effect(None)  # the CRF pool's processes; null = usable cores
     tta: bool = False  # the teacher's code averaged with the mirrored code of the mirrored image
     ppap_weight: float = 0.0  # the PPAP loss, times this, beside the cross-entropy (0: not computed)
+    focal: float = 0.0  # class weights (1 - the class's share of the batch's pseudo-labels) ** focal; 0: none
 
     def __post_init__(self) -> None:
         _require(self.checkpoint != "", "checkpoint", "is empty: use null (no second stage) or a checkpoint file")
@@ -305,6 +306,7 @@ class SelfTrainingConfig:
         _require(self.crf_workers is None or self.crf_workers >= 0, "crf_workers",
                  f"must be >= 0 or null (got {self.crf_workers})")
         _require(self.ppap_weight >= 0, "ppap_weight", f"must be >= 0 (got {self.ppap_weight})")
+        _require(self.focal >= 0, "focal", f"must be >= 0 (got {self.focal}); 0 weighs every class alike")
 
 
 @dataclass(frozen=True, kw_only=True)

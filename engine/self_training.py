@@ -13,7 +13,9 @@ code's width in memory per pixel: docs/self_training.md says how often they agre
   CRF the CRF's marginal; pixels below ``confidence`` are ignored.
 The student learns the map by cross-entropy (``loss.probe_cross_entropy``) on its cluster probe's similarities /
 ``temperature`` on the patch grid, upsampled as the linear probe's logits are; the gradient reaches the centroids and
-the decoder. ``ppap_weight`` adds the PPAP loss; at 0 the projection head, which only feeds that loss, is not trained.
+the decoder; ``focal`` weighs each cluster's pixels by (1 - its share of the batch's pseudo-labels) ** focal, so
+that the large clusters do not swallow the small (as PriMaPs-EM's focal loss). ``ppap_weight`` adds the PPAP
+loss; at 0 the projection head, which only feeds that loss, is not trained.
 The linear probe learns on the labels as in the first stage: it measures. The labels reach neither the teacher nor
 the student's network and cluster probe.
 
@@ -92,6 +94,15 @@ def confident(probs: Tensor, threshold: float) -> PseudoLabels:
     return PseudoLabels(labels.masked_fill(confidence < threshold, IGNORE), confidence)
 
 
+def focal_weights(labels: Tensor, n_clusters: int, focal: float, world: World = ONE_PROCESS) -> Tensor:
+    """(1 - share) ** ``focal`` per cluster, its share being the fraction of the global batch's kept pseudo-labels
+    that name it (PriMaPs-EM's focal loss takes the share from the student's mean probability of each class in a
+    process's batch instead)."""
+    kept = labels[(labels >= 0) & (labels < n_clusters)]
+    counts = world.sum(torch.bincount(kept, minlength=n_clusters).double())
+    return (1.0 - counts / counts.sum().clamp_min(1.0)) ** focal
+
+
 class SelfTraining:
     """A second stage's teacher, its pseudo-labels and the student's loss; a context manager (the CRF's pool)."""
 
@@ -126,7 +137,8 @@ class SelfTraining:
                                       .to(pseudo.labels.device)]).double())
         self.kept = float(kept[0] / kept[1])
         logits = cluster(out.code, is_direct=self.is_direct).inner / self.cfg.temperature
-        return probe_cross_entropy(logits, pseudo.labels, logits.shape[1], world)
+        weight = focal_weights(pseudo.labels, logits.shape[1], self.cfg.focal, world) if self.cfg.focal else None
+        return probe_cross_entropy(logits, pseudo.labels, logits.shape[1], world, weight)
 
     def start_epoch(self, net: PPAPNet, cluster: ClusterProbe) -> None:
         """Teacher "epoch": renewed as a copy of the student at the start of an epoch."""

@@ -2,6 +2,8 @@
 teacher's cluster maps (engine/self_training.py), with the bilinear upsampling of the logits to the labels' size."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,16 +11,22 @@ from torch import Tensor
 from utils.distributed import ONE_PROCESS, World
 
 
-def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int, world: World = ONE_PROCESS) -> Tensor:
+def probe_cross_entropy(logits: Tensor, label: Tensor, n_classes: int, world: World = ONE_PROCESS,
+                        class_weight: Optional[Tensor] = None) -> Tensor:
     """A probe's loss: logits upsampled to the label size, pixels labelled outside 0..n_classes-1 (unlabelled,
     or not confident enough for a pseudo-label) ignored; the mean over the counted pixels of the global batch (with
-    several processes, this process's part of it)."""
+    several processes, this process's part of it). ``class_weight`` (n_classes): each pixel's loss weighted by its
+    class's weight, the mean then weighted too (the sum divided by the global batch's sum of the weights)."""
     logits = upsample(logits, label.shape[-2:])
     valid = (label >= 0) & (label < n_classes)
     counted = int(world.sum(valid.sum()))
     if not counted:  # an unlabelled batch teaches the probe nothing (the original returned NaN)
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid], reduction="sum") / counted
+    if class_weight is None:
+        return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid], reduction="sum") / counted
+    weight = class_weight.to(logits.dtype)[label[valid]]
+    losses = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], label[valid], reduction="none")
+    return (weight * losses).sum() / world.sum(weight.sum().detach()).clamp_min(torch.finfo(weight.dtype).tiny)
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:

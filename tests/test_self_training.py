@@ -19,7 +19,9 @@ from dataset.classes import IGNORE
 from dataset.image import denormalize_to_uint8
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
 from engine.evaluate import checkpoint_sha256
-from engine.self_training import (RECORD_KEY, TEACHER_KEY, SelfTraining, Teacher, confident, teacher_similarities)
+from engine.self_training import (RECORD_KEY, TEACHER_KEY, SelfTraining, Teacher, confident, focal_weights,
+                                   teacher_similarities)
+from loss import probe_cross_entropy
 from model import build_model
 from tests.conftest import SHALLOW_DEPTH, tiny_options, weights_differ
 from tests.world import run_program
@@ -111,6 +113,31 @@ def test_pixels_below_the_confidence_are_ignored():
     pseudo = confident(probs.reshape(1, 3, 2, 2), 0.5)
     assert pseudo.labels.tolist() == [[[0, IGNORE], [1, 2]]]
     assert pseudo.confidence.flatten().tolist() == pytest.approx([0.7, 0.4, 0.5, 0.6])
+
+
+def test_the_focal_weights_are_one_minus_each_clusters_share_of_the_kept_labels():
+    labels = torch.tensor([[[0, 0, 0], [1, IGNORE, 2]], [[0, 1, IGNORE], [0, 0, 1]]])  # 6 x 0, 3 x 1, 1 x 2, 2 ignored
+    for focal in (1.0, 3.0):
+        expected = [(1 - 6 / 10) ** focal, (1 - 3 / 10) ** focal, (1 - 1 / 10) ** focal, 1.0]  # cluster 3: no pixel
+        assert focal_weights(labels, 4, focal).tolist() == pytest.approx(expected)
+    assert focal_weights(torch.full((1, 2, 2), IGNORE), 3, 2.0).tolist() == [1.0, 1.0, 1.0]  # nothing kept
+
+
+def test_the_focal_cross_entropy_is_the_weighted_mean_of_the_pixels_losses():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)  # upsampled to 8 x 8
+    labels = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    labels[0, :2] = IGNORE
+    weight = torch.tensor([0.2, 1.0, 0.5], dtype=torch.float64)
+    up = bilinear(logits.numpy(), 8, 8)
+    log_probs = up - up.max(1, keepdims=True) - np.log(np.exp(up - up.max(1, keepdims=True)).sum(1, keepdims=True))
+    total = norm = 0.0
+    for b, y, x in zip(*np.nonzero(labels.numpy() != IGNORE)):
+        c = int(labels[b, y, x])
+        total, norm = total - weight[c].item() * log_probs[b, c, y, x], norm + weight[c].item()
+    assert probe_cross_entropy(logits, labels, 3, class_weight=weight).item() == pytest.approx(total / norm, rel=1e-9)
+    assert probe_cross_entropy(logits, labels, 3, class_weight=torch.ones(3, dtype=torch.float64)).item() == \
+        pytest.approx(probe_cross_entropy(logits, labels, 3).item(), rel=1e-12)  # equal weights: the plain mean
 
 
 @pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
@@ -293,6 +320,7 @@ def test_two_processes_train_a_second_stage_as_one_does(second, finished_run, tm
 @pytest.mark.parametrize("change, message", [
     ({"checkpoint": "/nonexistent/first.pth"}, "self_training.checkpoint: /nonexistent/first.pth not found"),
     ({"teacher": "student"}, "self_training.teacher must be one of 'ema', 'fixed', 'epoch'"),
+    ({"focal": -1.0}, "self_training.focal must be >= 0 (got -1.0)"),
 ])
 def test_a_wrong_self_training_option_is_one_line_and_status_2(finished_run, tmp_path, capsys, change, message):
     options = second_stage(tmp_path, finished_run.data, finished_run.folder / "last.pth", **change)
