@@ -294,6 +294,7 @@ class SelfTrainingConfig:
     tta: bool = False  # the teacher's code averaged with the mirrored code of the mirrored image
     ppap_weight: float = 0.0  # the PPAP loss, times this, beside the cross-entropy (0: not computed)
     focal: float = 0.0  # class weights (1 - the class's share of the batch's pseudo-labels) ** focal; 0: none
+    augment: bool = False  # the student sees a blurred, sometimes colour-jittered or grey image; the teacher the image
 
     def __post_init__(self) -> None:
         _require(self.checkpoint != "", "checkpoint", "is empty: use null (no second stage) or a checkpoint file")

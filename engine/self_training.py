@@ -34,12 +34,13 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from config import ModelConfig, SelfTrainingConfig
 from crf.refiner import Refiner
 from dataset.classes import IGNORE
-from dataset.image import denormalize_batch
+from dataset.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_batch
 from engine.checkpoint import check_fits, load_checkpoint, load_networks
 from engine.evaluate import CRF_CLUSTER_ALPHA, checkpoint_sha256
 from loss import probe_cross_entropy
@@ -48,6 +49,10 @@ from utils.distributed import ONE_PROCESS, World
 from utils.errors import UserError
 
 TEACHER_KEY, RECORD_KEY = "teacher_state_dict", "self_training"  # what a second stage's checkpoints add
+# the student's augmentation (``augment``), PriMaPs-EM's: a Gaussian blur of random sigma, then half of the images
+# are colour-jittered with probability 0.3 and the other half made grey with probability 0.1
+BLUR_KERNEL, BLUR_SIGMA = 21, (0.1, 2.0)
+JITTER_P, GREY_P, JITTER = 0.3, 0.1, 0.1  # brightness, contrast, saturation factors in 1 +- 0.1, hue in +- 0.1
 
 
 class Teacher(nn.Module):
@@ -103,6 +108,35 @@ def focal_weights(labels: Tensor, n_clusters: int, focal: float, world: World = 
     return (1.0 - counts / counts.sum().clamp_min(1.0)) ** focal
 
 
+def augmentation(n: int, generator: torch.Generator) -> Tensor:
+    """n x 7 parameters of the student's augmentation, drawn from ``generator``: blur sigma, jitter (1/0), grey (1/0),
+    brightness, contrast and saturation factors, hue shift."""
+    u = torch.rand(n, 7, generator=generator, dtype=torch.float64)
+    jitter = (u[:, 1] < 0.5) & (u[:, 2] < JITTER_P)
+    grey = (u[:, 1] >= 0.5) & (u[:, 2] < GREY_P)
+    factors = 1.0 + JITTER * (2 * u[:, 3:6] - 1)
+    return torch.cat([BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, :1], jitter[:, None], grey[:, None],
+                      factors, JITTER * (2 * u[:, 6:] - 1)], 1)
+
+
+def augment(img: Tensor, params: Tensor) -> Tensor:
+    """Normalised B x 3 x H x W images, each augmented by its row of ``params`` (``augmentation()``) in RGB [0, 1]:
+    blurred, then colour-jittered (brightness, contrast, saturation, hue, in that order) or made grey."""
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    rgb = (img * std + mean).clamp(0.0, 1.0)
+    out = []
+    for one, (sigma, jitter, grey, brightness, contrast, saturation, hue) in zip(rgb, params.tolist()):
+        one = TF.gaussian_blur(one, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])
+        if jitter:
+            one = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+                one, brightness), contrast), saturation), hue)
+        elif grey:
+            one = TF.rgb_to_grayscale(one, num_output_channels=3)
+        out.append(one)
+    return (torch.stack(out) - mean) / std
+
+
 class SelfTraining:
     """A second stage's teacher, its pseudo-labels and the student's loss; a context manager (the CRF's pool)."""
 
@@ -128,11 +162,23 @@ class SelfTraining:
         probs = torch.stack([maps[0] for _, maps in self.refiner.results()])
         return confident(probs, self.cfg.confidence)
 
+    def student_input(self, img: Tensor, generator: Optional[torch.Generator], world: World = ONE_PROCESS) -> Tensor:
+        """What the student sees of this process's ``img``: the image, or with ``augment`` its augmentation, whose
+        parameters are drawn from ``generator`` for the global batch (this process takes the rows of its images)."""
+        if not self.cfg.augment:
+            return img
+        n = img.shape[0]
+        params = augmentation(n * world.size, generator if generator is not None else torch.default_generator)
+        with torch.no_grad():
+            return augment(img, params[world.rank * n:(world.rank + 1) * n])
+
     def loss(self, net: PPAPNet, out: NetOutput, img: Tensor, cluster: nn.Module, world: World = ONE_PROCESS) -> Tensor:
-        """The student's cross-entropy on the teacher's maps of ``img`` (``out``: the student's forward pass of it;
-        ``cluster``: the student's cluster probe, as training calls it); this process's part of the global batch's
-        loss."""
-        pseudo = self.pseudo_labels(net, out.frozen, img)
+        """The student's cross-entropy on the teacher's maps of ``img`` (``out``: the student's forward pass of
+        ``student_input(img)``; ``cluster``: the student's cluster probe, as training calls it); this process's part
+        of the global batch's loss."""
+        with torch.no_grad():  # the teacher sees the image itself: its frozen pass is the student's unless augmented
+            frozen = net.frozen(img) if self.cfg.augment else out.frozen
+        pseudo = self.pseudo_labels(net, frozen, img)
         kept = world.sum(torch.stack([(pseudo.labels != IGNORE).sum(), torch.tensor(pseudo.labels.numel())
                                       .to(pseudo.labels.device)]).double())
         self.kept = float(kept[0] / kept[1])

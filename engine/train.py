@@ -191,7 +191,7 @@ def forward_losses(net: nn.Module, linear: nn.Module, cluster: nn.Module, loss_f
         n = img.shape[0]
         mask = dropout_mask(n * world.size, dropout_channels, stream)[world.rank * n:(world.rank + 1) * n]
         mask = mask.to(img.device)
-    out = net(img, dropout_mask=mask)
+    out = net(img if self_training is None else self_training.student_input(img, stream, world), dropout_mask=mask)
     code = out.code.detach()  # labels reach only the probes
     linear_loss = probe_cross_entropy(linear(code), label, n_classes, world)
     if self_training is None:

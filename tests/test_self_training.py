@@ -4,10 +4,12 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import eval as eval_script
@@ -19,8 +21,9 @@ from dataset.classes import IGNORE
 from dataset.image import denormalize_to_uint8
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
 from engine.evaluate import checkpoint_sha256
-from engine.self_training import (RECORD_KEY, TEACHER_KEY, SelfTraining, Teacher, confident, focal_weights,
-                                   teacher_similarities)
+from engine.self_training import (RECORD_KEY, TEACHER_KEY, SelfTraining, Teacher, augment, augmentation, confident,
+                                   focal_weights, teacher_similarities)
+from engine.train import iteration_stream
 from loss import probe_cross_entropy
 from model import build_model
 from tests.conftest import SHALLOW_DEPTH, tiny_options, weights_differ
@@ -138,6 +141,46 @@ def test_the_focal_cross_entropy_is_the_weighted_mean_of_the_pixels_losses():
     assert probe_cross_entropy(logits, labels, 3, class_weight=weight).item() == pytest.approx(total / norm, rel=1e-9)
     assert probe_cross_entropy(logits, labels, 3, class_weight=torch.ones(3, dtype=torch.float64)).item() == \
         pytest.approx(probe_cross_entropy(logits, labels, 3).item(), rel=1e-12)  # equal weights: the plain mean
+
+
+def test_the_students_augmentation_is_drawn_for_the_global_batch_and_spares_the_teacher(tiny_stage, monkeypatch):
+    cfg, net, teacher, img = tiny_stage
+    st = SelfTraining(SelfTrainingConfig(augment=True), teacher, {}, is_direct=False)
+    params = augmentation(3, iteration_stream(0, 5))
+    assert ((params[:, 0] >= 0.1) & (params[:, 0] <= 2.0)).all() and not (params[:, 1] * params[:, 2]).any()
+    seen_by_student = st.student_input(img, iteration_stream(0, 5))
+    assert torch.equal(seen_by_student, augment(img, params))  # the parameters of that iteration's stream
+    assert torch.equal(st.student_input(img, iteration_stream(0, 5)), seen_by_student)  # and again: it repeats
+    assert not torch.allclose(seen_by_student, img, atol=1e-3)
+    # each of two processes augments its half of the global batch as one process augments the whole
+    batch = torch.cat([img, img.flip(-1)])
+    halves = [st.student_input(batch[3 * rank:3 * rank + 3], iteration_stream(0, 5), SimpleNamespace(rank=rank, size=2))
+              for rank in (0, 1)]
+    whole = st.student_input(batch, iteration_stream(0, 5))
+    assert torch.allclose(torch.cat(halves), whole, atol=1e-6)
+    # the teacher labels the image itself, not what the student sees
+    frozen_seen = []
+    monkeypatch.setattr(SelfTraining, "pseudo_labels", lambda self, net_, frozen, image: frozen_seen.append(frozen)
+                        or confident(torch.rand(3, 3, 64, 64), 0.0))
+    with torch.no_grad():
+        st.loss(net, net(seen_by_student), img, teacher.cluster)
+        assert torch.allclose(frozen_seen[0].tokens, net.frozen(img).tokens)
+        assert not torch.allclose(frozen_seen[0].tokens, net.frozen(seen_by_student).tokens, atol=1e-3)
+
+
+def test_the_augmentation_blurs_and_jitters_as_torchvision_does():
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    params = torch.tensor([[1.5, 1, 0, 1.05, 0.95, 1.1, 0.05], [0.5, 0, 1, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    rgb = (img * std + mean).clamp(0, 1)
+    first = TF.gaussian_blur(rgb[0], [21, 21], [1.5, 1.5])
+    first = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(first, 1.05), 0.95), 1.1), 0.05)
+    out = augment(img, params) * std + mean
+    assert torch.allclose(out[0], first, atol=1e-5)
+    assert torch.allclose(out[1, 0], out[1, 1], atol=1e-5) and torch.allclose(out[1, 1], out[1, 2], atol=1e-5)  # grey
+    weights = torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)  # ITU-R 601-2 luma, as torchvision's grey
+    assert torch.allclose(out[1, :1], (TF.gaussian_blur(rgb[1], [21, 21], [0.5, 0.5]) * weights).sum(0, keepdim=True),
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
@@ -276,8 +319,15 @@ def test_the_training_labels_never_reach_the_student_or_the_teacher(finished_run
     assert not states_equal(a["linear_model_state_dict"], b["linear_model_state_dict"])  # the labels were read
 
 
-def test_a_second_stage_resumes_exactly(second, finished_run, tmp_path, monkeypatch):
-    options = second_stage(tmp_path, finished_run.data, finished_run.folder / "last.pth")
+@pytest.mark.parametrize("variant", [{}, {"augment": True, "focal": 2.0}])
+def test_a_second_stage_resumes_exactly(second, finished_run, tmp_path, monkeypatch, variant):
+    """Stopped in iteration 6 and resumed, a second stage ends as the uninterrupted one (``second``, or for a variant
+    its own), with the student's augmentation and the focal weights too."""
+    if variant:
+        assert train(second_stage(tmp_path / "whole", finished_run.data, finished_run.folder / "last.pth",
+                                  **variant)) == 0
+        second = tmp_path / "whole" / "output" / "second"
+    options = second_stage(tmp_path, finished_run.data, finished_run.folder / "last.pth", **variant)
     calls, loss = [], SelfTraining.loss
 
     def interrupted(self, *args, **kwargs):
