@@ -143,29 +143,36 @@ def test_the_focal_cross_entropy_is_the_weighted_mean_of_the_pixels_losses():
         pytest.approx(probe_cross_entropy(logits, labels, 3).item(), rel=1e-12)  # equal weights: the plain mean
 
 
-def test_the_students_augmentation_is_drawn_for_the_global_batch_and_spares_the_teacher(tiny_stage, monkeypatch):
-    cfg, net, teacher, img = tiny_stage
+def test_the_students_augmentation_repeats_from_the_iterations_stream(tiny_stage):
+    _, _, teacher, img = tiny_stage
     st = SelfTraining(SelfTrainingConfig(augment=True), teacher, {}, is_direct=False)
     params = augmentation(3, iteration_stream(0, 5))
     assert ((params[:, 0] >= 0.1) & (params[:, 0] <= 2.0)).all() and not (params[:, 1] * params[:, 2]).any()
-    seen_by_student = st.student_input(img, iteration_stream(0, 5))
-    assert torch.equal(seen_by_student, augment(img, params))  # the parameters of that iteration's stream
-    assert torch.equal(st.student_input(img, iteration_stream(0, 5)), seen_by_student)  # and again: it repeats
-    assert not torch.allclose(seen_by_student, img, atol=1e-3)
-    # each of two processes augments its half of the global batch as one process augments the whole
+    seen = st.student_input(img, iteration_stream(0, 5))
+    assert torch.equal(seen, augment(img, params)) and torch.equal(st.student_input(img, iteration_stream(0, 5)), seen)
+    assert not torch.allclose(seen, img, atol=1e-3)
+
+
+def test_two_processes_augment_their_halves_as_one_process_augments_the_batch(tiny_stage):
+    _, _, teacher, img = tiny_stage
+    st = SelfTraining(SelfTrainingConfig(augment=True), teacher, {}, is_direct=False)
     batch = torch.cat([img, img.flip(-1)])
     halves = [st.student_input(batch[3 * rank:3 * rank + 3], iteration_stream(0, 5), SimpleNamespace(rank=rank, size=2))
               for rank in (0, 1)]
-    whole = st.student_input(batch, iteration_stream(0, 5))
-    assert torch.allclose(torch.cat(halves), whole, atol=1e-6)
-    # the teacher labels the image itself, not what the student sees
+    torch.testing.assert_close(torch.cat(halves), st.student_input(batch, iteration_stream(0, 5)), rtol=0, atol=1e-6)
+
+
+def test_the_teacher_labels_the_image_the_student_sees_augmented(tiny_stage, monkeypatch):
+    _, net, teacher, img = tiny_stage
+    st = SelfTraining(SelfTrainingConfig(augment=True), teacher, {}, is_direct=False)
+    seen = st.student_input(img, iteration_stream(0, 5))
     frozen_seen = []
     monkeypatch.setattr(SelfTraining, "pseudo_labels", lambda self, net_, frozen, image: frozen_seen.append(frozen)
                         or confident(torch.rand(3, 3, 64, 64), 0.0))
     with torch.no_grad():
-        st.loss(net, net(seen_by_student), img, teacher.cluster)
-        assert torch.allclose(frozen_seen[0].tokens, net.frozen(img).tokens)
-        assert not torch.allclose(frozen_seen[0].tokens, net.frozen(seen_by_student).tokens, atol=1e-3)
+        st.loss(net, net(seen), img, teacher.cluster)
+        torch.testing.assert_close(frozen_seen[0].tokens, net.frozen(img).tokens, rtol=0, atol=1e-6)
+        assert not torch.allclose(frozen_seen[0].tokens, net.frozen(seen).tokens, atol=1e-3)
 
 
 def test_the_augmentation_blurs_and_jitters_as_torchvision_does():
