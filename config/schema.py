@@ -295,6 +295,8 @@ class SelfTrainingConfig:
     ppap_weight: float = 0.0  # the PPAP loss, times this, beside the cross-entropy (0: not computed)
     focal: float = 0.0  # class weights (1 - the class's share of the batch's pseudo-labels) ** focal; 0: none
     augment: bool = False  # the student sees a blurred, sometimes colour-jittered or grey image; the teacher the image
+    masks: Optional[str] = None  # "primaps": each principal mask of the teacher's code takes its majority cluster
+    mask_threshold: float = 0.4  # masks "primaps": a mask is the patches of cosine similarity >= this to its seed
 
     def __post_init__(self) -> None:
         _require(self.checkpoint != "", "checkpoint", "is empty: use null (no second stage) or a checkpoint file")
@@ -308,6 +310,8 @@ class SelfTrainingConfig:
                  f"must be >= 0 or null (got {self.crf_workers})")
         _require(self.ppap_weight >= 0, "ppap_weight", f"must be >= 0 (got {self.ppap_weight})")
         _require(self.focal >= 0, "focal", f"must be >= 0 (got {self.focal}); 0 weighs every class alike")
+        _choice(self.masks, "masks", (None, "primaps"))
+        _require(0.0 < self.mask_threshold <= 1.0, "mask_threshold", f"must be in (0, 1] (got {self.mask_threshold})")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,9 @@ code's width in memory per pixel: docs/self_training.md says how often they agre
 - ``tta``: the code averaged with the mirrored code of the mirrored image (one more pass of the frozen ViT);
 - ``crf``: refined by the dense CRF of that backend, from log-softmax(2 x the similarities), as evaluations refine;
 - each pixel's confidence is the probability of its cluster: softmax(similarities / ``temperature``), or with the
-  CRF the CRF's marginal; pixels below ``confidence`` are ignored.
+  CRF the CRF's marginal; pixels below ``confidence`` are ignored;
+- ``masks`` "primaps": the labels are instead PriMaPs' principal masks of the teacher's code (engine/primaps.py),
+  refined by the CRF, each filled with the most frequent cluster of the teacher's map inside it.
 The student learns the map by cross-entropy (``loss.probe_cross_entropy``) on its cluster probe's similarities /
 ``temperature`` on the patch grid, upsampled as the linear probe's logits are; the gradient reaches the centroids and
 the decoder; ``focal`` weighs each cluster's pixels by (1 - its share of the batch's pseudo-labels) ** focal, so
@@ -43,6 +45,7 @@ from dataset.classes import IGNORE
 from dataset.image import IMAGENET_MEAN, IMAGENET_STD, denormalize_batch
 from engine.checkpoint import check_fits, load_checkpoint, load_networks
 from engine.evaluate import CRF_CLUSTER_ALPHA, checkpoint_sha256
+from engine.primaps import principal_masks, vote
 from loss import probe_cross_entropy
 from model.ppap import ClusterProbe, Frozen, NetOutput, PPAPNet
 from utils.distributed import ONE_PROCESS, World
@@ -80,14 +83,22 @@ class PseudoLabels(NamedTuple):
 
 
 @torch.no_grad()
-def teacher_similarities(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tta: bool = False,
-                         is_direct: bool = False) -> Tensor:
-    """B x K x H x W: the cosine similarity of each patch's teacher code to each of the teacher's centroids, upsampled
-    bilinearly to the image size of ``img`` (as the student's logits are); ``tta``: of the code averaged with the
-    mirrored code of the mirrored image."""
+def teacher_code(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tta: bool = False) -> Tensor:
+    """B x C x h x w: the teacher's code of ``img`` on the patch grid; ``tta``: averaged with the mirrored code of the
+    mirrored image."""
     code = net.head(frozen, teacher.decoder)
     if tta:
         code = (code + net.head(net.frozen(img.flip(-1)), teacher.decoder).flip(-1)) / 2
+    return code
+
+
+@torch.no_grad()
+def teacher_similarities(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tta: bool = False,
+                         is_direct: bool = False, code: Optional[Tensor] = None) -> Tensor:
+    """B x K x H x W: the cosine similarity of each patch's teacher code (``code``, or ``teacher_code()``) to each of
+    the teacher's centroids, upsampled bilinearly to the image size of ``img`` (as the student's logits are)."""
+    if code is None:
+        code = teacher_code(net, teacher, frozen, img, tta)
     inner = teacher.cluster(code, is_direct=is_direct).inner
     return F.interpolate(inner, img.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -155,12 +166,36 @@ class SelfTraining:
     @torch.no_grad()
     def pseudo_labels(self, net: PPAPNet, frozen: Frozen, img: Tensor) -> PseudoLabels:
         """The teacher's cluster maps of ``img`` (whose frozen ViT pass is ``frozen``)."""
-        inner = teacher_similarities(net, self.teacher, frozen, img, self.cfg.tta, self.is_direct).float()
+        code = teacher_code(net, self.teacher, frozen, img, self.cfg.tta)
+        inner = teacher_similarities(net, self.teacher, frozen, img, is_direct=self.is_direct, code=code).float()
+        if self.cfg.masks == "primaps":
+            return self.mask_labels(code, inner, img)
         if self.refiner is None:
             return confident(F.softmax(inner / self.cfg.temperature, dim=1), self.cfg.confidence)
         self.refiner.submit(range(img.shape[0]), denormalize_batch(img), [F.log_softmax(CRF_CLUSTER_ALPHA * inner, 1)])
         probs = torch.stack([maps[0] for _, maps in self.refiner.results()])
         return confident(probs, self.cfg.confidence)
+
+    def mask_labels(self, code: Tensor, inner: Tensor, img: Tensor) -> PseudoLabels:
+        """``masks`` "primaps": each image's principal masks of its teacher ``code``, refined by the CRF (or their
+        softmax upsampled bilinearly), each labelled by the most frequent cluster of the teacher's map (the argmax of
+        ``inner``) inside it; the confidence is the pixel's probability of its mask, the background is ignored."""
+        scores = [F.log_softmax(principal_masks(one, self.cfg.mask_threshold), 0) for one in code]
+        if self.refiner is not None:
+            images = denormalize_batch(img)
+            for j, one in enumerate(scores):
+                self.refiner.submit([j], images[j:j + 1], [one[None]])
+            probs = [maps[0] for _, maps in self.refiner.results()]
+        else:
+            probs = [F.softmax(F.interpolate(one[None], img.shape[-2:], mode="bilinear", align_corners=False), 1)[0]
+                     for one in scores]
+        clusters = inner.argmax(1)
+        labels, confidence = [], []
+        for one, prior in zip(probs, clusters):
+            conf, masks = one.max(0)
+            labels.append(vote(masks, prior, inner.shape[1]).masked_fill(conf < self.cfg.confidence, IGNORE))
+            confidence.append(conf)
+        return PseudoLabels(torch.stack(labels), torch.stack(confidence))
 
     def student_input(self, img: Tensor, generator: Optional[torch.Generator], world: World = ONE_PROCESS) -> Tensor:
         """What the student sees of this process's ``img``: the image, or with ``augment`` its augmentation, whose

@@ -21,8 +21,9 @@ from dataset.classes import IGNORE
 from dataset.image import denormalize_to_uint8
 from engine.checkpoint import RELEASED_KEYS, load_checkpoint
 from engine.evaluate import checkpoint_sha256
+from engine.primaps import principal_masks, vote
 from engine.self_training import (RECORD_KEY, TEACHER_KEY, SelfTraining, Teacher, augment, augmentation, confident,
-                                   focal_weights, teacher_similarities)
+                                   focal_weights, teacher_code, teacher_similarities)
 from engine.train import iteration_stream
 from loss import probe_cross_entropy
 from model import build_model
@@ -209,6 +210,25 @@ def test_crf_pseudo_labels_are_the_crf_of_the_teachers_map(tiny_stage, backend):
     assert (pseudo.labels == IGNORE).any() and (pseudo.labels != IGNORE).any()  # the threshold cut somewhere
 
 
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
+def test_mask_pseudo_labels_are_the_crf_of_the_principal_masks_voted_by_the_teachers_map(tiny_stage, backend):
+    cfg, net, teacher, img = tiny_stage
+    with SelfTraining(SelfTrainingConfig(crf=backend, crf_workers=0, masks="primaps"), teacher, {},
+                      is_direct=False) as st:
+        with torch.no_grad():
+            frozen = net(img).frozen
+            pseudo = st.pseudo_labels(net, frozen, img)
+            code = teacher_code(net, teacher, frozen, img)
+    _, sims = direct_probs(net, teacher, img, 1.0)
+    for j in range(img.shape[0]):
+        scores = torch.log_softmax(principal_masks(code[j]), 0).numpy()
+        probs = dense_crf(denormalize_to_uint8(img[j]), scores)
+        sure = decided(probs[None], 1e-3)[0]
+        expected = vote(torch.from_numpy(probs.argmax(0)), torch.from_numpy(sims[j].argmax(0)), sims.shape[1])
+        np.testing.assert_array_equal(pseudo.labels[j].numpy()[sure], expected.numpy()[sure])
+        np.testing.assert_allclose(pseudo.confidence[j].numpy(), probs.max(0), rtol=0, atol=1e-3)
+
+
 def test_the_ema_teacher_moves_toward_the_student_and_decay_zero_copies_it(tiny_stage):
     _, net, teacher, _ = tiny_stage
     teacher = copy.deepcopy(teacher)
@@ -326,7 +346,7 @@ def test_the_training_labels_never_reach_the_student_or_the_teacher(finished_run
     assert not states_equal(a["linear_model_state_dict"], b["linear_model_state_dict"])  # the labels were read
 
 
-@pytest.mark.parametrize("variant", [{}, {"augment": True, "focal": 2.0}])
+@pytest.mark.parametrize("variant", [{}, {"augment": True, "focal": 2.0}, {"masks": "primaps", "crf": "torch"}])
 def test_a_second_stage_resumes_exactly(second, finished_run, tmp_path, monkeypatch, variant):
     """Stopped in iteration 6 and resumed, a second stage ends as the uninterrupted one (``second``, or for a variant
     its own), with the student's augmentation and the focal weights too."""
@@ -378,6 +398,7 @@ def test_two_processes_train_a_second_stage_as_one_does(second, finished_run, tm
     ({"checkpoint": "/nonexistent/first.pth"}, "self_training.checkpoint: /nonexistent/first.pth not found"),
     ({"teacher": "student"}, "self_training.teacher must be one of 'ema', 'fixed', 'epoch'"),
     ({"focal": -1.0}, "self_training.focal must be >= 0 (got -1.0)"),
+    ({"masks": "sam"}, "self_training.masks must be one of None, 'primaps'"),
 ])
 def test_a_wrong_self_training_option_is_one_line_and_status_2(finished_run, tmp_path, capsys, change, message):
     options = second_stage(tmp_path, finished_run.data, finished_run.folder / "last.pth", **change)
