@@ -349,7 +349,7 @@ def test_the_training_labels_never_reach_the_student_or_the_teacher(finished_run
 @pytest.mark.parametrize("variant", [{}, {"augment": True, "focal": 2.0}, {"masks": "primaps", "crf": "torch"}])
 def test_a_second_stage_resumes_exactly(second, finished_run, tmp_path, monkeypatch, variant):
     """Stopped in iteration 6 and resumed, a second stage ends as the uninterrupted one (``second``, or for a variant
-    its own), with the student's augmentation and the focal weights too."""
+    its own), with the student's augmentation and the focal weights, and with PriMaPs' masks, too."""
     if variant:
         assert train(second_stage(tmp_path / "whole", finished_run.data, finished_run.folder / "last.pth",
                                   **variant)) == 0
