@@ -93,12 +93,13 @@ def teacher_code(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tt
 
 
 @torch.no_grad()
-def teacher_similarities(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, tta: bool = False,
-                         is_direct: bool = False, code: Optional[Tensor] = None) -> Tensor:
-    """B x K x H x W: the cosine similarity of each patch's teacher code (``code``, or ``teacher_code()``) to each of
-    the teacher's centroids, upsampled bilinearly to the image size of ``img`` (as the student's logits are)."""
+def teacher_similarities(net: PPAPNet, teacher: Teacher, frozen: Frozen, img: Tensor, is_direct: bool = False,
+                         code: Optional[Tensor] = None) -> Tensor:
+    """B x K x H x W: the cosine similarity of each patch's teacher code (``code``, or ``teacher_code()`` without TTA)
+    to each of the teacher's centroids, upsampled bilinearly to the image size of ``img`` (as the student's logits
+    are)."""
     if code is None:
-        code = teacher_code(net, teacher, frozen, img, tta)
+        code = teacher_code(net, teacher, frozen, img)
     inner = teacher.cluster(code, is_direct=is_direct).inner
     return F.interpolate(inner, img.shape[-2:], mode="bilinear", align_corners=False)
 
